@@ -1,0 +1,321 @@
+"""A Mistral/Llama-family decoder in flax.linen, exposed as pure functions over param pytrees.
+
+Layers are scanned (`nn.scan`): params are stacked with a leading `layers` axis, which keeps
+compile time flat in depth and makes depth pruning a slice of every `[N, ...]` leaf. Every
+param carries logical axis names (see `cascade_jax.sharding` for their mapping to a mesh).
+
+Dimension letters (einsum strings and variable suffixes): B batch, L query length, M key
+length, D d_model, H query heads, K kv heads, G = H/K, E head_dim, F d_ff, V vocab, N layers.
+
+Param tree (N-stacked leaves under `layers`):
+    embed/embedding            [V, D]        ('vocab', 'embed')
+    layers/attn_norm/scale     [N, D]        ('layers', 'embed')
+    layers/attn/wq             [N, D, H, E]  ('layers', 'embed', 'heads', 'head_dim')
+    layers/attn/wk, wv         [N, D, K, E]  ('layers', 'embed', 'kv_heads', 'head_dim')
+    layers/attn/wo             [N, H, E, D]  ('layers', 'heads', 'head_dim', 'embed')
+    layers/mlp_norm/scale      [N, D]
+    layers/mlp/w_gate, w_up    [N, D, F]     ('layers', 'embed', 'mlp')
+    layers/mlp/w_down          [N, F, D]     ('layers', 'mlp', 'embed')
+    final_norm/scale           [D]
+    lm_head/kernel             [D, V]        (absent when embeddings are tied)
+
+Query head h uses KV head h // G (the layout of Hugging Face's `repeat_kv`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cascade_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+# What `forward_with_intermediates` can return, one array per layer each ([N, B, L, ...]).
+# Pruning importance is estimated from these.
+INTERMEDIATES = (
+    "block_in",       # [N, B, L, D] residual stream entering the block (attention-norm input)
+    "attn_norm_out",  # [N, B, L, D] RMSNorm output fed to attention
+    "attn_heads",     # [N, B, L, H, E] each head's output before the output projection
+    "mlp_in",         # [N, B, L, D] residual stream after attention (FFN-norm input)
+    "mlp_norm_out",   # [N, B, L, D] RMSNorm output fed to the MLP
+    "mlp_act",        # [N, B, L, F] SiLU(x W_gate) * (x W_up)
+    "block_out",      # [N, B, L, D] residual stream leaving the block
+)
+
+_EMBED_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...],
+           axes: tuple[str, ...], cfg: ModelConfig) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 (as Hugging Face does), scaled by a weight."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        scale_D = _param(self, "scale", nn.initializers.ones, (x_BLD.shape[-1],), ("embed",),
+                         self.cfg)
+        x32 = x_BLD.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * inv_rms * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of the rotary angles, [B, L, E/2] in float32, computed once per forward."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BLE2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles_BLE2), jnp.sin(angles_BLE2)
+
+
+def apply_rope(x_BLHE: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array) -> jax.Array:
+    """Rotate channel i with channel i + E/2 (Hugging Face's `rotate_half` convention)."""
+    x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_BLE2[:, :, None, :], sin_BLE2[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BLHE.dtype)
+
+
+def attention_mask(segment_ids_BL: jax.Array, sliding_window: int | None) -> jax.Array:
+    """[B, L, M] bool: causal, within the same packed segment, and inside the window if any."""
+    length = segment_ids_BL.shape[1]
+    q_idx = jnp.arange(length)[:, None]
+    k_idx = jnp.arange(length)[None, :]
+    allowed_LM = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed_LM &= q_idx - k_idx < sliding_window
+    same_segment_BLM = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return allowed_LM[None] & same_segment_BLM
+
+
+def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
+    """Position of each token within its own segment (restarts at every segment change)."""
+    idx_BL = jnp.broadcast_to(jnp.arange(segment_ids_BL.shape[1]), segment_ids_BL.shape)
+    changed_BL = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BL[:, :1], dtype=bool),
+         segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    start_BL = jax.lax.cummax(jnp.where(changed_BL, idx_BL, 0), axis=1)
+    return idx_BL - start_BL
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention; softmax in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array,
+                 mask_BLM: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        d, h, k, e = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        in_init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        wq_DHE = _param(self, "wq", in_init, (d, h, e), ("embed", "heads", "head_dim"), cfg)
+        wk_DKE = _param(self, "wk", in_init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
+        wv_DKE = _param(self, "wv", in_init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
+        wo_HED = _param(self, "wo", out_init, (h, e, d), ("heads", "head_dim", "embed"), cfg)
+        dt = cfg.compute_dtype
+
+        q_BLHE = jnp.einsum("BLD,DHE->BLHE", x_BLD, wq_DHE.astype(dt))
+        k_BMKE = jnp.einsum("BMD,DKE->BMKE", x_BLD, wk_DKE.astype(dt))
+        v_BMKE = jnp.einsum("BMD,DKE->BMKE", x_BLD, wv_DKE.astype(dt))
+        q_BLHE = apply_rope(q_BLHE, cos_BLE2, sin_BLE2)
+        k_BMKE = apply_rope(k_BMKE, cos_BLE2, sin_BLE2)
+
+        batch, length = x_BLD.shape[:2]
+        q_BLKGE = q_BLHE.reshape(batch, length, k, cfg.n_groups, e)
+        scores_BKGLM = jnp.einsum("BLKGE,BMKE->BKGLM", q_BLKGE, k_BMKE,
+                                  preferred_element_type=jnp.float32) * (e ** -0.5)
+        scores_BKGLM = jnp.where(mask_BLM[:, None, None], scores_BKGLM,
+                                 jnp.finfo(jnp.float32).min)
+        probs_BKGLM = jax.nn.softmax(scores_BKGLM, axis=-1).astype(dt)
+        out_BLKGE = jnp.einsum("BKGLM,BMKE->BLKGE", probs_BKGLM, v_BMKE)
+        heads_BLHE = out_BLKGE.reshape(batch, length, h, e)
+        self.sow("intermediates", "attn_heads", heads_BLHE)
+        return jnp.einsum("BLHE,HED->BLD", heads_BLHE, wo_HED.astype(dt))
+
+
+class Mlp(nn.Module):
+    """SwiGLU feed-forward: W_down(SiLU(x W_gate) * (x W_up))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.d_ff
+        init = nn.initializers.lecun_normal()
+        w_gate_DF = _param(self, "w_gate", init, (d, f), ("embed", "mlp"), cfg)
+        w_up_DF = _param(self, "w_up", init, (d, f), ("embed", "mlp"), cfg)
+        w_down_FD = _param(self, "w_down", init, (f, d), ("mlp", "embed"), cfg)
+        dt = cfg.compute_dtype
+        gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_gate_DF.astype(dt))
+        up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_up_DF.astype(dt))
+        act_BLF = jax.nn.silu(gate_BLF) * up_BLF
+        self.sow("intermediates", "mlp_act", act_BLF)
+        return jnp.einsum("BLF,FD->BLD", act_BLF, w_down_FD.astype(dt))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the signature `(carry, *broadcast) -> (carry, None)` suits scan."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array,
+                 mask_BLM: jax.Array) -> tuple[jax.Array, None]:
+        self.sow("intermediates", "block_in", x_BLD)
+        h_BLD = RMSNorm(self.cfg, name="attn_norm")(x_BLD)
+        self.sow("intermediates", "attn_norm_out", h_BLD)
+        x_BLD = x_BLD + Attention(self.cfg, name="attn")(h_BLD, cos_BLE2, sin_BLE2, mask_BLM)
+        self.sow("intermediates", "mlp_in", x_BLD)
+        h_BLD = RMSNorm(self.cfg, name="mlp_norm")(x_BLD)
+        self.sow("intermediates", "mlp_norm_out", h_BLD)
+        x_BLD = x_BLD + Mlp(self.cfg, name="mlp")(h_BLD)
+        self.sow("intermediates", "block_out", x_BLD)
+        return x_BLD, None
+
+
+class LmHead(nn.Module):
+    """Untied output projection; logits are accumulated and returned in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        w_DV = _param(self, "kernel", _EMBED_INIT, (cfg.d_model, cfg.vocab_size),
+                      ("embed", "vocab"), cfg)
+        return jnp.einsum("BLD,DV->BLV", x_BLD, w_DV.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Decoder(nn.Module):
+    """Embedding → scanned blocks → final norm; `unembed` maps hidden states to logits."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=False,
+                             policy=jax.checkpoint_policies.nothing_saveable)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+            embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")),
+            name="embed")
+        self.final_norm = RMSNorm(cfg, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = LmHead(cfg, name="lm_head")
+
+    def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
+                 positions_BL: jax.Array | None = None, *, logits: bool = True) -> jax.Array:
+        cfg = self.cfg
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones_like(tokens_BL)
+        if positions_BL is None:
+            positions_BL = positions_from_segments(segment_ids_BL)
+        cos_BLE2, sin_BLE2 = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+        mask_BLM = attention_mask(segment_ids_BL, cfg.sliding_window)
+        x_BLD = self.embed(tokens_BL)
+        x_BLD, _ = self.layers(x_BLD, cos_BLE2, sin_BLE2, mask_BLM)
+        x_BLD = self.final_norm(x_BLD)
+        return self.unembed(x_BLD) if logits else x_BLD
+
+    def unembed(self, x_BLD: jax.Array) -> jax.Array:
+        if self.cfg.tie_embeddings:
+            w_VD = self.embed.embedding.astype(self.cfg.compute_dtype)
+            return jnp.einsum("BLD,VD->BLV", x_BLD, w_VD, preferred_element_type=jnp.float32)
+        return self.lm_head(x_BLD)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def _dummy_tokens(cfg: ModelConfig) -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def init(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh params (plain arrays, no logical-axis boxes). For sharded init see `sharding`."""
+    return nn.unbox(Decoder(cfg).init(rng, _dummy_tokens(cfg), logits=True)["params"])
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every param, as a pytree of `PartitionSpec`s (no allocation)."""
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """`jax.ShapeDtypeStruct` of every param (no allocation)."""
+    return jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BL: jax.Array,
+            segment_ids_BL: jax.Array | None = None,
+            positions_BL: jax.Array | None = None) -> jax.Array:
+    """Next-token logits, [B, L, V] float32.
+
+    `segment_ids_BL` (0 = padding) keeps packed documents from attending to each other;
+    `positions_BL` defaults to the position within each segment.
+    """
+    return Decoder(cfg).apply({"params": params}, tokens_BL, segment_ids_BL, positions_BL)
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BL: jax.Array,
+                  segment_ids_BL: jax.Array | None = None,
+                  positions_BL: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states [B, L, D] in the compute dtype, without the [B, L, V] logits.
+
+    A fused loss multiplies these by `lm_head_weights` chunk by chunk instead.
+    """
+    return Decoder(cfg).apply({"params": params}, tokens_BL, segment_ids_BL, positions_BL,
+                              logits=False)
+
+
+def lm_head_weights(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The output projection as [D, V] (the transposed embedding when tied)."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def forward_with_intermediates(
+        cfg: ModelConfig, params: Params, tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array | None = None, positions_BL: jax.Array | None = None,
+        names: tuple[str, ...] = INTERMEDIATES,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits plus per-layer activations, each stacked over layers: `{name: [N, B, L, ...]}`.
+
+    Only the requested `names` are kept (see `INTERMEDIATES`); under `jit` XLA drops the rest.
+    """
+    unknown = sorted(set(names) - set(INTERMEDIATES))
+    if unknown:
+        raise ValueError(f"unknown intermediates {unknown}; choose from {list(INTERMEDIATES)}")
+    logits_BLV, state = Decoder(cfg).apply({"params": params}, tokens_BL, segment_ids_BL,
+                                           positions_BL, mutable=["intermediates"])
+    sown = state["intermediates"]["layers"]
+    found: dict[str, jax.Array] = {}
+    for module_path in (sown, sown.get("attn", {}), sown.get("mlp", {})):
+        for name, value in module_path.items():
+            if name in names and isinstance(value, tuple):
+                found[name] = value[0]
+    return logits_BLV, {name: found[name] for name in names}
