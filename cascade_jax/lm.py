@@ -1,0 +1,45 @@
+"""The next-token objective shared by training, distillation and evaluation.
+
+Targets keep the batch's [B, L] shape (the last position of each row gets weight 0), so losses
+can be chunked over L without re-slicing. Metrics are (sum, count) pairs: averages across
+hosts and chunks are then weighted by tokens, not by batches.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+
+
+def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(targets_BL, weights_BL): position t predicts token t+1 of the same packed segment.
+
+    A target counts only inside one document (segment ids equal and non-zero), so the model
+    is never asked to predict across a packing boundary or into padding.
+    """
+    tokens_BL = batch["tokens"]
+    segment_ids_BL = batch.get("segment_ids")
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.ones_like(tokens_BL)
+    next_tokens = tokens_BL[:, 1:]
+    same_doc = (segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]) & (segment_ids_BL[:, 1:] != 0)
+    targets_BL = jnp.pad(next_tokens, ((0, 0), (0, 1)))
+    weights_BL = jnp.pad(same_doc, ((0, 0), (0, 1))).astype(jnp.float32)
+    return targets_BL, weights_BL
+
+
+def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token NLL, sum of weights), in float32."""
+    logprobs_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    nll_BL = -jnp.take_along_axis(logprobs_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BL * weights_BL), jnp.sum(weights_BL)
+
+
+def correct_top1(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
+                 ) -> jax.Array:
+    """Weighted count of positions whose argmax is the target (accuracy = this / count)."""
+    hits_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    return jnp.sum(hits_BL * weights_BL)

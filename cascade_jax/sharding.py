@@ -1,0 +1,137 @@
+"""Meshes, logical→mesh axis rules, and sharded placement of params and batches.
+
+The model names axes logically (`embed`, `heads`, `mlp`, ...); this module alone decides which
+mesh axis each maps to, so the same model runs on one CPU or a TPU pod. The mesh always has
+the three axes `data × fsdp × tensor` (any may be 1): data parallelism, parameter sharding
+(ZeRO-3 style, over `embed`), and tensor parallelism (heads, FFN, vocab).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from cascade_jax import model
+from cascade_jax.config import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis → mesh axis (or None: replicated). `batch`/`length` are activations' axes.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `data × fsdp × tensor` mesh; one size may be -1 to take all remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {fill}")
+    bad = {name: size for name, size in sizes.items() if size != -1 and size < 1}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be >= 1 (or -1 to fill), got {bad}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}: "
+                             f"{len(devices)} is not a multiple of {known}")
+        sizes[fill[0]] = len(devices) // known
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; "
+                         f"make data*fsdp*tensor == {len(devices)} or set one axis to -1")
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    # Auto axes: XLA's sharding propagation fills in activations from the params and batch.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """Map a pytree of logical `PartitionSpec`s to `NamedSharding`s on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """`NamedSharding` of every param, checked to divide the param shapes."""
+    shardings = logical_to_sharding(model.param_logical_axes(cfg), mesh, rules)
+    check_divisible(model.param_shapes(cfg), shardings)
+    return shardings
+
+
+def check_divisible(shapes: Any, shardings: Any) -> None:
+    """Fail early, naming the param, when a mesh axis does not divide the dimension it shards.
+
+    XLA would otherwise pad silently or fail deep inside compilation.
+    """
+    problems = []
+    for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                       sharding_tree_leaves(shardings),
+                                       strict=True):
+        mesh_shape = sharding.mesh.shape
+        for dim, axes in zip(shape.shape, sharding.spec, strict=False):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(mesh_shape[a] for a in axes)
+            if dim % ways:
+                problems.append(f"{jax.tree_util.keystr(path)} has a dimension of {dim} "
+                                f"sharded {ways} ways over mesh axes {axes}")
+    if problems:
+        raise ValueError("mesh does not divide the sharded dimensions: " + "; ".join(problems)
+                         + ". Choose mesh sizes that divide these dimensions, or map the "
+                         "logical axis to None in the sharding rules.")
+
+
+def sharding_tree_leaves(shardings: Any) -> list[NamedSharding]:
+    return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, L] batches: B split over data × fsdp, L whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh,
+                rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> model.Params:
+    """Initialise params directly into their shards: no host ever holds the whole model."""
+    shardings = param_shardings(cfg, mesh, rules)
+    return jax.jit(model.init, static_argnums=0, out_shardings=shardings)(cfg, rng)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Turn this host's slice of the global batch into global arrays sharded over the batch axes.
+
+    Each process passes its own rows (the data pipeline shards by `jax.process_index()`).
+    """
+    sharding = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for name, value in batch.items()}
+
+
+def shard_like(tree: Any, shardings: Any) -> Any:
+    """Place (or reshard) every leaf of `tree` onto the matching sharding."""
+    return jax.tree.map(jax.device_put, tree, shardings)
