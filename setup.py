@@ -1,15 +1,17 @@
 """cascade_jax: prune a decoder LM, distill the parent into the child, repeat."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="cascade_jax",
     version="0.1.0",
     description="Cascade distillation (prune, distill, repeat) for decoder LMs in JAX.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["cascade_jax", "cascade_jax.*"]),
     install_requires=[
         "jax>=0.10.2",

@@ -18,7 +18,8 @@ def _randomized_params(cfg, seed=0):
     params = model.init(cfg, jax.random.key(seed))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    noisy = [leaf + 0.3 * jax.random.normal(k, leaf.shape)
+             for leaf, k in zip(leaves, keys, strict=True)]
     return jax.tree.unflatten(treedef, noisy)
 
 
@@ -26,7 +27,7 @@ def _np_forward(cfg, params, tokens, segment_ids, positions):
     """float64 numpy reference written from the Llama/Mistral equations, loop over layers."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = p["embed"]["embedding"][tokens]
-    b, length = tokens.shape
+    length = tokens.shape[1]
     half = cfg.head_dim // 2
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half) * 2.0 / cfg.head_dim)
     ang = positions[..., None] * inv_freq  # [B, L, E/2]
@@ -174,6 +175,6 @@ def test_param_tree_and_logical_axes_agree():
     shapes = model.param_shapes(CFG)
     axes = model.param_logical_axes(CFG)
     for shape, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(
-            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)), strict=True):
         assert len(shape.shape) == len(spec)
     assert sum(s.size for s in jax.tree.leaves(shapes)) == CFG.num_params()
