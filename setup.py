@@ -23,6 +23,7 @@ setup(
         "einops>=0.8.2",
         "ml_collections>=1.1.0",
         "absl-py>=2.0",
+        "etils[epath]>=1.5",
         "safetensors>=0.8.0",
         "tokenizers>=0.23.3",
         "numpy>=2.0",
