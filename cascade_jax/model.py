@@ -49,6 +49,17 @@ INTERMEDIATES = (
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
 
+def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x [..., D] · w [D, ...]` as one 2-D matmul over the flattened leading dims.
+
+    The same product as the einsum, but XLA:CPU computes the weight gradient of a 3-D einsum
+    that contracts B and L through a transposed copy of the incoming gradient (measured
+    ~20 ms per [4, 256, 1024] SwiGLU layer); flattened, every matmul is a plain GEMM.
+    """
+    out = jnp.dot(x.reshape(-1, x.shape[-1]), w.reshape(w.shape[0], -1))
+    return out.reshape(*x.shape[:-1], *w.shape[1:])
+
+
 def _param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...],
            axes: tuple[str, ...], cfg: ModelConfig) -> jax.Array:
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
@@ -124,23 +135,25 @@ class Attention(nn.Module):
         wo_HED = _param(self, "wo", out_init, (h, e, d), ("heads", "head_dim", "embed"), cfg)
         dt = cfg.compute_dtype
 
-        q_BLHE = jnp.einsum("BLD,DHE->BLHE", x_BLD, wq_DHE.astype(dt))
-        k_BMKE = jnp.einsum("BMD,DKE->BMKE", x_BLD, wk_DKE.astype(dt))
-        v_BMKE = jnp.einsum("BMD,DKE->BMKE", x_BLD, wv_DKE.astype(dt))
+        q_BLHE = _dense(x_BLD, wq_DHE.astype(dt))
+        k_BMKE = _dense(x_BLD, wk_DKE.astype(dt))
+        v_BMKE = _dense(x_BLD, wv_DKE.astype(dt))
         q_BLHE = apply_rope(q_BLHE, cos_BLE2, sin_BLE2)
         k_BMKE = apply_rope(k_BMKE, cos_BLE2, sin_BLE2)
 
         batch, length = x_BLD.shape[:2]
         q_BLKGE = q_BLHE.reshape(batch, length, k, cfg.n_groups, e)
-        scores_BKGLM = jnp.einsum("BLKGE,BMKE->BKGLM", q_BLKGE, k_BMKE,
+        # L next to G: each (B, K) is one [L*G, E] x [E, M] matmul (measured faster than
+        # BKGLM on XLA:CPU, fwd+bwd).
+        scores_BKLGM = jnp.einsum("BLKGE,BMKE->BKLGM", q_BLKGE, k_BMKE,
                                   preferred_element_type=jnp.float32) * (e ** -0.5)
-        scores_BKGLM = jnp.where(mask_BLM[:, None, None], scores_BKGLM,
+        scores_BKLGM = jnp.where(mask_BLM[:, None, :, None, :], scores_BKLGM,
                                  jnp.finfo(jnp.float32).min)
-        probs_BKGLM = jax.nn.softmax(scores_BKGLM, axis=-1).astype(dt)
-        out_BLKGE = jnp.einsum("BKGLM,BMKE->BLKGE", probs_BKGLM, v_BMKE)
+        probs_BKLGM = jax.nn.softmax(scores_BKLGM, axis=-1).astype(dt)
+        out_BLKGE = jnp.einsum("BKLGM,BMKE->BLKGE", probs_BKLGM, v_BMKE)
         heads_BLHE = out_BLKGE.reshape(batch, length, h, e)
         self.sow("intermediates", "attn_heads", heads_BLHE)
-        return jnp.einsum("BLHE,HED->BLD", heads_BLHE, wo_HED.astype(dt))
+        return _dense(heads_BLHE.reshape(batch, length, h * e), wo_HED.reshape(h * e, d).astype(dt))
 
 
 class Mlp(nn.Module):
@@ -157,11 +170,11 @@ class Mlp(nn.Module):
         w_up_DF = _param(self, "w_up", init, (d, f), ("embed", "mlp"), cfg)
         w_down_FD = _param(self, "w_down", init, (f, d), ("mlp", "embed"), cfg)
         dt = cfg.compute_dtype
-        gate_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_gate_DF.astype(dt))
-        up_BLF = jnp.einsum("BLD,DF->BLF", x_BLD, w_up_DF.astype(dt))
+        gate_BLF = _dense(x_BLD, w_gate_DF.astype(dt))
+        up_BLF = _dense(x_BLD, w_up_DF.astype(dt))
         act_BLF = jax.nn.silu(gate_BLF) * up_BLF
         self.sow("intermediates", "mlp_act", act_BLF)
-        return jnp.einsum("BLF,FD->BLD", act_BLF, w_down_FD.astype(dt))
+        return _dense(act_BLF, w_down_FD.astype(dt))
 
 
 class Block(nn.Module):
@@ -215,6 +228,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
+            unroll=cfg.n_layers if cfg.scan_unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
         self.embed = nn.Embed(

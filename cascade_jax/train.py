@@ -9,7 +9,10 @@ a pod. `fit` is the loop: resumable from Orbax checkpoints, with progress and me
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -17,14 +20,16 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import tqdm
+from absl import logging
 from jax.sharding import Mesh
 
-from cascade_jax import lm, model, sharding
+from cascade_jax import checkpoint, data, lm, model, sharding
 from cascade_jax.config import ModelConfig
-from cascade_jax.metrics import MetricWriter
+from cascade_jax.metrics import MetricWriter, read_metrics
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -231,3 +236,92 @@ def fit(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]], stat
         drain(*pending)
     bar.close()
     return state, tokens_seen
+
+
+# ------------------------------------------------------------------ the config-driven entry point
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The run's `ModelConfig`, checked against the tokenizer it will be fed."""
+    cfg = ModelConfig(**config.model.to_dict())
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({vocab_size}); set --config.model.vocab_size={vocab_size}")
+    return cfg
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Train from scratch as `config` says (see configs/tiny_teacher.py); resume if possible.
+
+    Writes to `config.workdir`: `checkpoints/<step>` (state, data position, lineage),
+    `metrics.jsonl`, `tb/`, and `summary.json` with the final validation figures and the
+    unigram baseline they should beat.
+    """
+    workdir = os.path.abspath(config.workdir)
+    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    datasets = data.datasets_from_config(config.data, seed=config.seed)
+    cfg = model_config_from(config, datasets.tokenizer.get_vocab_size())
+    optimizer = make_optimizer(total_steps=config.steps, **config.optim.to_dict())
+    shardings = state_shardings(cfg, optimizer, mesh)
+    train_iter = iter(datasets.train)
+    metadata = {"kind": "train", "model": cfg.to_dict(), "config": config.to_dict(),
+                "code_revision": code_revision()}
+
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=config.keep_checkpoints) as ckpt:
+        tokens_seen = 0
+        if ckpt.latest_step() is not None:
+            abstract = jax.eval_shape(
+                lambda: create_state(cfg, optimizer, jax.random.key(0), mesh))
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract, shardings)
+            restored = ckpt.restore(target, data_iterator=train_iter)
+            state, tokens_seen = restored.state, restored.metadata["tokens_seen"]
+            logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
+        else:
+            state = create_state(cfg, optimizer, jax.random.key(config.seed), mesh)
+
+        eval_fn = jit_eval_step(cfg, mesh)
+
+        def evaluate_fn(params: model.Params) -> dict[str, float]:
+            return evaluate(eval_fn, params, iter(datasets.validation), mesh,
+                            max_batches=config.eval_batches or None)
+
+        def save_fn(step: int, state: TrainState, tokens: int) -> None:
+            ckpt.save(step, state, data_iterator=train_iter,
+                      metadata=dict(metadata, step=step, tokens_seen=tokens))
+
+        with MetricWriter(workdir) as writer:
+            state, tokens_seen = fit(
+                jit_train_step(cfg, optimizer, mesh), state, train_iter, mesh=mesh,
+                total_steps=config.steps, writer=writer, log_every=config.log_every,
+                eval_every=config.eval_every, evaluate_fn=evaluate_fn,
+                checkpoint_every=config.checkpoint_every, save_fn=save_fn,
+                tokens_seen=tokens_seen)
+    final = read_metrics(workdir, "validation")[-1]
+    summary = {
+        "workdir": workdir, "steps": config.steps, "params": cfg.num_params(),
+        "tokens_seen": tokens_seen, "validation_loss": final["loss"],
+        "validation_perplexity": final["perplexity"], "validation_accuracy": final["accuracy"],
+        "unigram_loss": datasets.unigram_loss,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return "\n".join(f"{name:>24}: {value:.4g}" if isinstance(value, float)
+                     else f"{name:>24}: {value}" for name, value in summary.items())
+
+
+def code_revision() -> str:
+    """The git commit of the code that produced a checkpoint (lineage), or 'unknown'."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
