@@ -32,8 +32,7 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import grain
@@ -41,6 +40,8 @@ import grain.experimental
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from cascade_jax import files
 
 Batch = dict[str, np.ndarray]
 
@@ -102,7 +103,7 @@ class TokenizedCorpus:
 
     def save(self, path: str) -> None:
         """Writes an uncompressed `.npz` atomically, so a reader never sees half a file."""
-        _atomic_write(path, lambda f: np.savez(f, tokens=self.tokens, offsets=self.offsets))
+        files.atomic_write(path, lambda f: np.savez(f, tokens=self.tokens, offsets=self.offsets))
 
     @classmethod
     def load(cls, path: str) -> TokenizedCorpus:
@@ -282,19 +283,6 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([_FORMAT, *parts]).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """`write(binary file)` into a temporary file beside `path`, then rename it into place:
-    readers (and other hosts sharing the directory) see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------- built-in corpus
 
 
@@ -332,13 +320,13 @@ def builtin_tokenizer(cache_dir: str | None = None, vocab_size: int = BUILTIN_VO
     """The built-in corpus's byte-level BPE tokenizer: trained on its train split the first
     time (seconds), then loaded from the cache (see `resolve_cache_dir`). Training is
     deterministic, so hosts without a shared cache still agree on the vocabulary."""
-    files = builtin_corpus_files("train")
+    corpus_files = builtin_corpus_files("train")
     path = os.path.join(resolve_cache_dir(cache_dir), f"stdlib-bpe{vocab_size}-"
-                        f"{_fingerprint(vocab_size, _files_fingerprint(files))}.json")
+                        f"{_fingerprint(vocab_size, _files_fingerprint(corpus_files))}.json")
     if os.path.exists(path):
         return tokenizers.Tokenizer.from_file(path)
-    tokenizer = train_tokenizer(files, vocab_size)
-    _atomic_write(path, lambda f: f.write(tokenizer.to_str().encode()))
+    tokenizer = train_tokenizer(corpus_files, vocab_size)
+    files.atomic_write(path, lambda f: f.write(tokenizer.to_str().encode()))
     return tokenizer
 
 

@@ -59,8 +59,19 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
-    """Records from `metrics.jsonl`, optionally of one split (for plots and tables)."""
+    """Records from `metrics.jsonl` by step, optionally of one split (for plots and tables).
+
+    After a resume, steps past the last checkpoint are logged twice; the later record (the
+    run that went on) wins. A last line cut short by a kill is ignored.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
     with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if split is None or r["split"] == split]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if split is None or record["split"] == split:
+                latest[(record["split"], record["step"])] = record
+    return sorted(latest.values(), key=lambda r: r["step"])

@@ -9,7 +9,6 @@ a pod. `fit` is the loop: resumable from Orbax checkpoints, with progress and me
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import subprocess
@@ -27,7 +26,7 @@ import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
-from cascade_jax import checkpoint, data, lm, model, sharding
+from cascade_jax import checkpoint, data, files, lm, model, sharding
 from cascade_jax.config import ModelConfig
 from cascade_jax.metrics import MetricWriter, read_metrics
 
@@ -139,11 +138,21 @@ def jit_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Any = sharding.DEFAULT_RU
 
 
 def summarize(totals: dict[str, float]) -> dict[str, float]:
-    """Turn accumulated (sum, count) metrics into means: loss, perplexity, accuracy."""
+    """Turn accumulated (sum, count) metrics into per-token means.
+
+    Every `<name>_sum` becomes `<name>` (loss, ce, kd, kl, agree, hidden, ...), `correct`
+    becomes `accuracy`; perplexity is exp of the cross-entropy (`ce` when the loss is a KD
+    objective, else `loss`). Works for the CE step, the distill step and `evaluate`.
+    """
     count = max(totals.get("loss_count", 0.0), 1.0)
-    loss = totals.get("loss_sum", 0.0) / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-            "accuracy": totals.get("correct", 0.0) / count, "tokens": totals.get("loss_count", 0.0)}
+    out = {name.removesuffix("_sum"): value / count for name, value in totals.items()
+           if name.endswith("_sum")}
+    out.setdefault("loss", 0.0)
+    out["perplexity"] = math.exp(min(out.get("ce", out["loss"]), 80.0))
+    if "correct" in totals:
+        out["accuracy"] = totals["correct"] / count
+    out["tokens"] = totals.get("loss_count", 0.0)
+    return out
 
 
 def evaluate(step_fn: Callable[[model.Params, Batch], Metrics], params: model.Params,
@@ -203,7 +212,7 @@ def fit(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]], stat
         if step % log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
             summary = summarize(totals)
-            summary.update(grad_norm=values["grad_norm"],
+            summary.update(grad_norm=values.get("grad_norm", math.nan),
                            tokens_per_s=window_tokens / max(elapsed, 1e-9))
             writer.write(step, "train", summary)
             bar.set_postfix(loss=f"{summary['loss']:.3f}",
@@ -250,6 +259,55 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int) -> Mod
     return cfg
 
 
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or abstract) placed on `shardings`: a restore target."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def fit_with_checkpoints(workdir: str, *, step_fn: Callable[[TrainState, Batch],
+                                                            tuple[TrainState, Metrics]],
+                         abstract_state: TrainState, make_state: Callable[[], TrainState],
+                         batches: Iterator[dict[str, np.ndarray]], mesh: Mesh,
+                         total_steps: int,
+                         evaluate_fn: Callable[[model.Params], dict[str, float]] | None,
+                         metadata: dict[str, Any], log_every: int = 10, eval_every: int = 0,
+                         checkpoint_every: int = 0, keep_checkpoints: int = 2,
+                         save_initial: bool = False, progress: bool = True
+                         ) -> tuple[TrainState, int]:
+    """`fit` that resumes from, and saves to, `workdir/checkpoints` (state + data position).
+
+    Resuming restores into `abstract_state` (ShapeDtypeStructs carrying the shardings), so a
+    run continues on whatever mesh it is restarted on; `make_state()` runs only on a fresh
+    start. `save_initial` writes step 0 first (a pruned child is then never pruned twice).
+    Each save's metadata is `metadata` plus the step and tokens seen (the lineage record).
+    Returns (final state, tokens seen).
+    """
+    # Steps already in a checkpoint are skipped, so `batches` must be the iterator the
+    # checkpoints hold the position of (it is restored in place).
+    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=keep_checkpoints) as ckpt:
+        if ckpt.latest_step() is not None:
+            restored = ckpt.restore(abstract_state, data_iterator=batches)
+            state, tokens_seen = restored.state, int(restored.metadata["tokens_seen"])
+            logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
+        else:
+            state, tokens_seen = make_state(), 0
+            if save_initial:
+                ckpt.save(0, state, data_iterator=batches,
+                          metadata=dict(metadata, step=0, tokens_seen=0))
+
+        def save_fn(step: int, state: TrainState, tokens: int) -> None:
+            ckpt.save(step, state, data_iterator=batches,
+                      metadata=dict(metadata, step=step, tokens_seen=tokens))
+
+        with MetricWriter(workdir) as writer:
+            return fit(step_fn, state, batches, mesh=mesh, total_steps=total_steps,
+                       writer=writer, log_every=log_every, eval_every=eval_every,
+                       evaluate_fn=evaluate_fn, checkpoint_every=checkpoint_every,
+                       save_fn=save_fn, tokens_seen=tokens_seen, progress=progress)
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Train from scratch as `config` says (see configs/tiny_teacher.py); resume if possible.
 
@@ -262,43 +320,25 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     datasets = data.datasets_from_config(config.data, seed=config.seed)
     cfg = model_config_from(config, datasets.tokenizer.get_vocab_size())
     optimizer = make_optimizer(total_steps=config.steps, **config.optim.to_dict())
-    shardings = state_shardings(cfg, optimizer, mesh)
-    train_iter = iter(datasets.train)
-    metadata = {"kind": "train", "model": cfg.to_dict(), "config": config.to_dict(),
-                "code_revision": code_revision()}
+    eval_fn = jit_eval_step(cfg, mesh)
 
-    with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=config.keep_checkpoints) as ckpt:
-        tokens_seen = 0
-        if ckpt.latest_step() is not None:
-            abstract = jax.eval_shape(
-                lambda: create_state(cfg, optimizer, jax.random.key(0), mesh))
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                abstract, shardings)
-            restored = ckpt.restore(target, data_iterator=train_iter)
-            state, tokens_seen = restored.state, restored.metadata["tokens_seen"]
-            logging.info("resumed from %s at step %d", ckpt.directory, restored.step)
-        else:
-            state = create_state(cfg, optimizer, jax.random.key(config.seed), mesh)
+    def evaluate_fn(params: model.Params) -> dict[str, float]:
+        return evaluate(eval_fn, params, iter(datasets.validation), mesh,
+                        max_batches=config.eval_batches or None)
 
-        eval_fn = jit_eval_step(cfg, mesh)
+    def make_state() -> TrainState:
+        return create_state(cfg, optimizer, jax.random.key(config.seed), mesh)
 
-        def evaluate_fn(params: model.Params) -> dict[str, float]:
-            return evaluate(eval_fn, params, iter(datasets.validation), mesh,
-                            max_batches=config.eval_batches or None)
-
-        def save_fn(step: int, state: TrainState, tokens: int) -> None:
-            ckpt.save(step, state, data_iterator=train_iter,
-                      metadata=dict(metadata, step=step, tokens_seen=tokens))
-
-        with MetricWriter(workdir) as writer:
-            state, tokens_seen = fit(
-                jit_train_step(cfg, optimizer, mesh), state, train_iter, mesh=mesh,
-                total_steps=config.steps, writer=writer, log_every=config.log_every,
-                eval_every=config.eval_every, evaluate_fn=evaluate_fn,
-                checkpoint_every=config.checkpoint_every, save_fn=save_fn,
-                tokens_seen=tokens_seen)
+    _, tokens_seen = fit_with_checkpoints(
+        workdir, step_fn=jit_train_step(cfg, optimizer, mesh),
+        abstract_state=abstract_like(jax.eval_shape(make_state),
+                                     state_shardings(cfg, optimizer, mesh)),
+        make_state=make_state, batches=iter(datasets.train), mesh=mesh,
+        total_steps=config.steps, evaluate_fn=evaluate_fn,
+        metadata={"kind": "train", "model": cfg.to_dict(), "config": config.to_dict(),
+                  "code_revision": code_revision()},
+        log_every=config.log_every, eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints)
     final = read_metrics(workdir, "validation")[-1]
     summary = {
         "workdir": workdir, "steps": config.steps, "params": cfg.num_params(),
@@ -307,8 +347,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "unigram_loss": datasets.unigram_loss,
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        files.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 

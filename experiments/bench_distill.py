@@ -13,6 +13,13 @@ Model FLOPs per step (both sides do exactly this work): every matmul of the teac
 scores and values over the full L × L (both implementations compute the masked square), and
 the LM head. Norms, softmax, RoPE, the loss and the optimizer are not counted.
 
+A third row times the step fed by the offline teacher cache (`logits_cache` top-k targets,
+`--cache_k`, read back from disk; `distill.step.jit_train_step_cached`): the same student
+work, no teacher forward, so its model FLOPs are the student's 3× alone; `vs JAX online` is its
+speed-up over our online step. Below the table: the cache's bytes per token, how fast
+`write_cache` ran the teacher over the batches (teacher forward + top-k + disk) and how fast
+`cache_dataset` reads shuffled rows back (it must outpace the step).
+
 Steps are timed interleaved (JAX, torch, JAX, ...) so machine load hits both alike; medians
 are reported. The script runs unchanged on a GPU (`--dtype=bfloat16`; the device is JAX's
 default backend); PyTorch is CPU-only here, so the torch column is skipped off-CPU unless
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +51,10 @@ _T_FF = flags.DEFINE_integer("teacher_ff", 1536, "Teacher FFN width.")
 _S_LAYERS = flags.DEFINE_integer("student_layers", 4, "Student depth.")
 _S_FF = flags.DEFINE_integer("student_ff", 1024, "Student FFN width.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 512, "Sequence chunk of the fused loss (0: unfused).")
+_CACHE_K = flags.DEFINE_integer("cache_k", 64, "Top-k of the offline-cache row (0: no row).")
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "float32", ["float32", "bfloat16"],
+                                 "Dtype of the cached teacher log-probs.")
+_CACHE_BATCHES = flags.DEFINE_integer("cache_batches", 4, "Batches written to the cache.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per side.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation included).")
 _TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "yes", "no"],
@@ -94,6 +106,53 @@ def _jax_step(student: Any, teacher: Any, batch: dict[str, Any]) -> Callable[[],
         return metrics["loss_sum"]
 
     return run
+
+
+def _cached_step(student: Any, teacher: Any, batch: dict[str, Any], directory: str
+                 ) -> tuple[Callable[[], Any], str]:
+    """The step fed by an offline top-k cache of `teacher`, written to `directory` first (the
+    same batch `--cache_batches` times) and read back with `cache_dataset`; returns a closure
+    running one step and a line describing the cache."""
+    import jax
+
+    from cascade_jax import logits_cache, sharding, train
+    from cascade_jax.distill import losses, step
+
+    mesh = sharding.make_mesh(data=-1)
+    teacher_params = sharding.init_params(teacher, jax.random.key(1), mesh)
+    n, tokens = _CACHE_BATCHES.value, batch["tokens"].size
+    logits_cache.write_cache(directory, teacher, teacher_params, [batch], k=_CACHE_K.value,
+                             logprob_dtype=_CACHE_DTYPE.value, mesh=mesh, progress=False)
+    start = time.perf_counter()  # the first write compiled the teacher pass; time a second
+    info = logits_cache.write_cache(directory, teacher, teacher_params, [batch] * n,
+                                    k=_CACHE_K.value, logprob_dtype=_CACHE_DTYPE.value,
+                                    mesh=mesh, overwrite=True, progress=False)
+    write_s = time.perf_counter() - start
+    reader = iter(logits_cache.cache_dataset(info, global_batch_size=batch["tokens"].shape[0],
+                                             seed=0))
+    cached = next(reader)
+    start = time.perf_counter()  # shuffled rows, after the first batch opened the arrays
+    for _ in range(2 * n):
+        next(reader)
+    read_s = time.perf_counter() - start
+    dcfg = step.DistillConfig(student, teacher,
+                              losses.LossSpec(chunk_size=_CHUNK.value or None))
+    optimizer = train.make_optimizer(lr=1e-4, total_steps=10_000, warmup_steps=10)
+    holder = {"state": step.create_state(dcfg, optimizer, mesh, rng=jax.random.key(0))}
+    step_fn = step.jit_train_step_cached(dcfg, optimizer, mesh, mode=info.mode)
+    sharded = sharding.shard_batch(cached, mesh)
+
+    def run() -> Any:
+        holder["state"], metrics = step_fn(holder["state"], sharded)
+        return metrics["loss_sum"]
+
+    note = (f"offline cache: top-{info.k} {info.logprob_dtype} log-probs + int32 indices, "
+            f"{logits_cache.bytes_per_token(info)} bytes/token "
+            f"({logits_cache.bytes_per_token(info) * 1e9 / 2**40:.2f} TiB per 1B tokens); "
+            f"write_cache ran the teacher at {n * tokens / write_s:.0f} tokens/s "
+            f"({n} batches, disk included); cache_dataset read {2 * n * tokens / read_s:.0f} "
+            "tokens/s")
+    return run, note
 
 
 def _torch_step(student: Any, teacher: Any, batch: dict[str, Any]) -> Callable[[], Any]:
@@ -163,12 +222,22 @@ def main(argv: list[str]) -> None:
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
     peak_n = _PEAK_N.value or (2048 if on_cpu else 8192)
+    online = "cascade_jax (jit)"
     sides: dict[str, Callable[[], Any]] = {
         "matmul": _matmul(_DTYPE.value, peak_n),
-        "cascade_jax (jit)": _jax_step(student, teacher, batch),
+        online: _jax_step(student, teacher, batch),
     }
+    side_flops = {online: flops}
+    cache_note = ""
+    if _CACHE_K.value:
+        cached = f"cascade_jax offline top-{_CACHE_K.value} cache (jit)"
+        with tempfile.TemporaryDirectory() as directory:
+            sides[cached], cache_note = _cached_step(student, teacher, batch,
+                                                     os.path.join(directory, "cache"))
+        side_flops[cached] = 3 * _forward_flops(student, tokens, _SEQ.value)
     if _TORCH.value == "yes" or (_TORCH.value == "auto" and on_cpu):
         sides["PyTorch + transformers"] = _torch_step(student, teacher, batch)
+        side_flops["PyTorch + transformers"] = flops
 
     def timed(run: Callable[[], Any]) -> float:
         start = time.perf_counter()
@@ -192,13 +261,17 @@ def main(argv: list[str]) -> None:
           f"V={_VOCAB.value}; {flops / 1e9:.1f} model GFLOP/step; jnp {peak_n}² matmul peak "
           f"{peak / 1e9:.0f} GFLOP/s; medians of {_STEPS.value} interleaved rounds; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
-    print("| step | ms/step | tokens/s | vs PyTorch | GFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    print("| step | ms/step | tokens/s | vs PyTorch | vs JAX online | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|")
     reference = median.get("PyTorch + transformers")
     for name, seconds in median.items():
         ratio = f"{reference / seconds:.2f}×" if reference else "n/a"
+        vs_online = f"{median[online] / seconds:.2f}×"
+        work = side_flops[name]
         print(f"| {name} | {seconds * 1e3:.0f} | {tokens / seconds:.0f} | {ratio} | "
-              f"{flops / seconds / 1e9:.0f} | {flops / seconds / peak:.0%} |")
+              f"{vs_online} | {work / seconds / 1e9:.0f} | {work / seconds / peak:.0%} |")
+    if cache_note:
+        print(f"\n{cache_note}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ child from a teacher with forward KL on logits. This module is that step and not
 Logits are never materialised whole: both models produce final hidden states and the fused,
 sequence-chunked `losses.distill_loss` multiplies them by the heads chunk by chunk.
 
+Offline distillation: `train_step_cached(dcfg, optimizer, state, batch)` and
+`jit_train_step_cached` take no teacher at all; each batch carries the teacher's sparse targets
+(`teacher_idx`, `teacher_logprobs` [B, L, k], from `logits_cache.cache_dataset`) and the
+student is trained against them with the fused `losses.sparse_distill_loss`. Both steps share
+gradient accumulation (`_accumulate_grads`) and the update (`_apply_grads`).
+
 Student params are the model's param tree, or `{'model': <tree>, 'proj': [D, T]}` when hidden
 distillation needs a projection (`student_model_params` returns the model part either way).
 Extra einsum letter here: T = the teacher's d_model.
@@ -247,6 +253,15 @@ def _hidden_loss_BL(hidden: HiddenDistill, student_NBLD: jax.Array, teacher_NBLT
     return jnp.mean(per_layer_NBL, axis=0)
 
 
+def _as_sum(loss: jax.Array, metrics: Metrics) -> tuple[jax.Array, Metrics]:
+    """(mean loss, sums with `count`) -> (loss SUM to differentiate, sums with `loss_count`)."""
+    count = jax.lax.stop_gradient(metrics["count"])
+    objective = loss * count  # the mean times its (constant) denominator: the weighted sum
+    metrics = {name: value for name, value in metrics.items() if name != "count"}
+    metrics["loss_count"] = count
+    return objective, metrics
+
+
 def loss_sum_and_metrics(dcfg: DistillConfig, params: model.Params, teacher_params: model.Params,
                          batch: Batch) -> tuple[jax.Array, Metrics]:
     """(token-weighted loss SUM to differentiate, metrics as sums) for one (micro-)batch.
@@ -266,14 +281,10 @@ def loss_sum_and_metrics(dcfg: DistillConfig, params: model.Params, teacher_para
         student_BLD, student_NBLD = _final_and_block_outputs(dcfg.student, student_model, batch)
         teacher_BLT, teacher_all_NBLT = _final_and_block_outputs(dcfg.teacher, teacher_params,
                                                                  batch)
-    loss, metrics = losses.distill_loss(
+    objective, metrics = _as_sum(*losses.distill_loss(
         student_BLD, model.lm_head_weights(dcfg.student, student_model),
         teacher_BLT, model.lm_head_weights(dcfg.teacher, teacher_params),
-        targets_BL, weights_BL, dcfg.loss)
-    count = jax.lax.stop_gradient(metrics["count"])
-    objective = loss * count  # the mean times its (constant) denominator: the weighted sum
-    metrics = {name: value for name, value in metrics.items() if name != "count"}
-    metrics["loss_count"] = count
+        targets_BL, weights_BL, dcfg.loss))
     if dcfg.hidden is not None:
         teacher_NBLT = teacher_all_NBLT[jnp.asarray(dcfg.hidden.layer_map)]
         proj_DT = params["proj"] if dcfg.has_proj else None
@@ -300,6 +311,31 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
                         batch)
 
 
+def _accumulate_grads(loss_fn: Callable[[model.Params, Batch], tuple[jax.Array, Metrics]],
+                      grad_accum: int, params: model.Params, batch: Batch
+                      ) -> tuple[model.Params, Metrics]:
+    """Gradient of the token-weighted mean of `loss_fn` (a loss SUM and metric sums) over the
+    whole batch, scanning `grad_accum` micro-batches; shared by the online and cached steps."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        grad_sums, metrics = grad_fn(params, batch)
+    else:
+        micro = _micro_batches(batch, grad_accum)
+
+        def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
+            out = grad_fn(params, micro_batch)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
+                                                                             jnp.float32)),
+                             jax.eval_shape(grad_fn, params, first))
+        (grad_sums, metrics), _ = jax.lax.scan(add, zeros, micro)
+    denominator = jnp.maximum(metrics["loss_count"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, params)
+    return grads, metrics
+
+
 def compute_grads(dcfg: DistillConfig, params: model.Params, teacher_params: model.Params,
                   batch: Batch) -> tuple[model.Params, Metrics]:
     """Gradient of the token-weighted mean loss over the whole batch, and summed metrics.
@@ -307,24 +343,10 @@ def compute_grads(dcfg: DistillConfig, params: model.Params, teacher_params: mod
     With `grad_accum = k` the batch is scanned as k micro-batches (activations of one at a
     time); gradients and metrics are summed in float32 and divided by the total count once.
     """
-    grad_fn = jax.grad(functools.partial(loss_sum_and_metrics, dcfg), has_aux=True)
-    if dcfg.grad_accum == 1:
-        grad_sums, metrics = grad_fn(params, teacher_params, batch)
-    else:
-        micro = _micro_batches(batch, dcfg.grad_accum)
+    def loss_fn(params: model.Params, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
+        return loss_sum_and_metrics(dcfg, params, teacher_params, micro_batch)
 
-        def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
-            out = grad_fn(params, teacher_params, micro_batch)
-            return jax.tree.map(jnp.add, acc, out), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
-                                                                             jnp.float32)),
-                             jax.eval_shape(grad_fn, params, teacher_params, first))
-        (grad_sums, metrics), _ = jax.lax.scan(add, zeros, micro)
-    denominator = jnp.maximum(metrics["loss_count"], 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, params)
-    return grads, metrics
+    return _accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
 
 
 # -------------------------------------------------------------------------------- the step
@@ -335,6 +357,12 @@ def train_step(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
                ) -> tuple[train.TrainState, Metrics]:
     """One optimizer step of the student; the teacher is read, never written."""
     grads, metrics = compute_grads(dcfg, state.params, teacher_params, batch)
+    return _apply_grads(optimizer, state, grads, metrics)
+
+
+def _apply_grads(optimizer: optax.GradientTransformation, state: train.TrainState,
+                 grads: model.Params, metrics: Metrics) -> tuple[train.TrainState, Metrics]:
+    """The optimizer update both steps end with; `grad_norm` joins the metrics."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -365,3 +393,77 @@ def with_teacher(step_fn: StepFn, teacher_params: model.Params
         return step_fn(state, teacher_params, batch)
 
     return step
+
+
+# ------------------------------------------------------------ the step fed by a teacher cache
+
+CACHED_KEYS = ("teacher_idx", "teacher_logprobs")  # [B, L, k]; see `logits_cache`
+
+
+def _check_cached_config(dcfg: DistillConfig, mode: str) -> None:
+    if mode not in losses.SPARSE_MODES:
+        raise ValueError(f"mode={mode!r}; choose the cache's mode, one of "
+                         f"{list(losses.SPARSE_MODES)}")
+    if dcfg.hidden is not None:
+        raise ValueError("a logits cache holds no teacher hidden states; set "
+                         "DistillConfig(hidden=None) or distil online with train_step")
+
+
+def _check_cached_batch(batch: Batch) -> None:
+    missing = [name for name in CACHED_KEYS if name not in batch]
+    if missing:
+        raise ValueError(f"batch has no {missing} (it has {sorted(batch)}); feed batches from "
+                         "logits_cache.cache_dataset, or use train_step with teacher params")
+
+
+def cached_loss_sum_and_metrics(dcfg: DistillConfig, params: model.Params, batch: Batch, *,
+                                mode: str = "topk") -> tuple[jax.Array, Metrics]:
+    """`loss_sum_and_metrics` against the batch's cached sparse teacher targets.
+
+    The student's logits are made chunk by chunk from its hidden states and head inside the
+    fused `losses.sparse_distill_loss` (no [B, L, V] live when `dcfg.loss.chunk_size` is
+    set); `dcfg.teacher` is not used. With top-k targets and k = V this equals the online
+    loss (forward KL, any divergence or temperature): the teacher's distribution is whole.
+    """
+    _check_cached_config(dcfg, mode)
+    _check_cached_batch(batch)
+    targets_BL, weights_BL = lm.next_token_targets(batch)
+    student_model = student_model_params(dcfg, params)
+    student_BLD = model.hidden_states(dcfg.student, student_model, batch["tokens"],
+                                      batch.get("segment_ids"), batch.get("positions"))
+    return _as_sum(*losses.sparse_distill_loss(
+        student_BLD, model.lm_head_weights(dcfg.student, student_model),
+        batch["teacher_idx"], batch["teacher_logprobs"], targets_BL, weights_BL, dcfg.loss,
+        mode=mode))
+
+
+def compute_grads_cached(dcfg: DistillConfig, params: model.Params, batch: Batch, *,
+                         mode: str = "topk") -> tuple[model.Params, Metrics]:
+    """`compute_grads` (same accumulation over `dcfg.grad_accum`) with cached targets."""
+    loss_fn = functools.partial(cached_loss_sum_and_metrics, dcfg, mode=mode)
+    return _accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
+
+
+def train_step_cached(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
+                      state: train.TrainState, batch: Batch, *, mode: str = "topk"
+                      ) -> tuple[train.TrainState, Metrics]:
+    """One optimizer step of the student on a batch carrying its teacher targets (`mode`:
+    'topk' or 'sampled', the cache's `CacheInfo.mode`); no teacher params at all."""
+    grads, metrics = compute_grads_cached(dcfg, state.params, batch, mode=mode)
+    return _apply_grads(optimizer, state, grads, metrics)
+
+
+def jit_train_step_cached(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
+                          mesh: Mesh, rules: Any = sharding.DEFAULT_RULES, *,
+                          mode: str = "topk"
+                          ) -> Callable[[train.TrainState, Batch],
+                                        tuple[train.TrainState, Metrics]]:
+    """`train_step_cached` compiled for `mesh`: `(state, batch) -> (state, metrics)`, what
+    `train.fit` drives. The batch (targets [B, L, k] included) is split over data × fsdp;
+    the incoming state is donated."""
+    _check_cached_config(dcfg, mode)
+    state_sh = state_shardings(dcfg, optimizer, mesh, rules)
+    return jax.jit(functools.partial(train_step_cached, dcfg, optimizer, mode=mode),
+                   in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)),
+                   donate_argnums=(0,))

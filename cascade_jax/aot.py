@@ -1,0 +1,268 @@
+"""Ahead-of-time cost of a step: per-device memory and FLOPs from XLA, with nothing allocated.
+
+Whether a 24B teacher and a 14B student fit a pod is a question for the compiler, not for a
+launch that dies after an hour of loading weights. Every step here is lowered from
+`jax.ShapeDtypeStruct`s that carry their shardings and compiled; no parameter is ever made.
+
+Memory is XLA's `memory_analysis()` of the partitioned (per-device) program. Its total is
+argument + output − alias + temp: donated inputs (the student state) share their buffers with
+the outputs that replace them.
+
+FLOPs need care. `cost_analysis()` counts a while loop's body once, whatever its trip count
+(measured: a 4-layer scanned model counts 1% more than a 2-layer one), and both the layer scan
+and the fused loss's chunk scan are loops. So FLOPs are counted on variants of the step whose
+loops run once: layers unrolled (`scan_unroll`), the loss in one chunk, no micro-batches.
+Per-step FLOPs are affine in each model's depth (the layers are identical), so one compile with
+every model at 1 layer and one more per model at 2 layers give the exact count at any depth:
+F(N₁, N₂, …) = F(1, 1, …) + Σᵢ (Nᵢ − 1)·(F(…, 2ᵢ, …) − F(1, 1, …)). Rematerialisation is
+kept, so recomputed forwards are counted: these are executed FLOPs, not model FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from cascade_jax import model, sharding, train
+from cascade_jax.config import ModelConfig
+from cascade_jax.distill import step as distill_step
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+STEP_KINDS = ("train", "distill", "forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Per-device bytes of one compiled program (XLA's `memory_analysis`)."""
+
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    generated_code: int
+
+    @property
+    def total(self) -> int:
+        """Peak estimate: donated arguments are reused by the outputs they alias."""
+        return self.argument + self.output - self.alias + self.temp
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One step to cost: which kind, on which models, at which global batch shape.
+
+    kind: 'train' (cross-entropy AdamW step of `student`), 'distill' (`distill_step.train_step`
+    of `distill.student` from the frozen `distill.teacher`; `student` must be the same config)
+    or 'forward' (`train.eval_step` of `student`, e.g. a root that is loaded, not trained).
+    """
+
+    kind: str
+    student: ModelConfig
+    batch_size: int
+    seq_len: int
+    optimizer: optax.GradientTransformation | None = None
+    distill: distill_step.DistillConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_KINDS:
+            raise ValueError(f"kind={self.kind!r} is unknown; choose one of {STEP_KINDS}")
+        if self.kind == "distill" and (self.distill is None
+                                       or self.distill.student != self.student):
+            raise ValueError("kind='distill' needs distill=DistillConfig(student, teacher, ...) "
+                             "with the same student config as StepSpec.student")
+        if self.kind in ("train", "distill") and self.optimizer is None:
+            raise ValueError(f"kind={self.kind!r} needs an optimizer (train.make_optimizer)")
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError(f"batch_size={self.batch_size} and seq_len={self.seq_len} must be "
+                             ">= 1 and >= 2")
+
+    def models(self) -> dict[str, ModelConfig]:
+        """The model configs whose depth the step's cost depends on."""
+        if self.kind == "distill":
+            return {"student": self.distill.student, "teacher": self.distill.teacher}
+        return {"student": self.student}
+
+    def with_models(self, models: Mapping[str, ModelConfig]) -> StepSpec:
+        """The same step on other model configs (same keys as `models()`)."""
+        if self.kind != "distill":
+            return dataclasses.replace(self, student=models["student"])
+        dcfg = dataclasses.replace(self.distill, student=models["student"],
+                                   teacher=models["teacher"])
+        return dataclasses.replace(self, student=dcfg.student, distill=dcfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What one compiled step costs per device."""
+
+    memory: Memory
+    flops: float             # XLA's count for the compiled program itself (loops counted once)
+    compile_s: float
+
+
+# ----------------------------------------------------------------------- abstract arguments
+
+
+def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The [B, L] int32 batch contract, split over data × fsdp like a real batch."""
+    ways = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    if batch_size % ways:
+        raise ValueError(f"global batch_size={batch_size} does not split over the "
+                         f"{ways} batch shards of mesh {dict(mesh.shape)}; use a multiple of "
+                         f"{ways}")
+    where = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=where)
+            for k in BATCH_KEYS}
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh) -> model.Params:
+    """`ShapeDtypeStruct`s of `cfg`'s params placed on their shardings."""
+    return train.abstract_like(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
+
+
+def abstract_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                         mesh: Mesh) -> train.TrainState:
+    shapes = jax.eval_shape(lambda p: train.init_state(cfg, optimizer, p),
+                            model.param_shapes(cfg))
+    return train.abstract_like(shapes, train.state_shardings(cfg, optimizer, mesh))
+
+
+def abstract_distill_state(dcfg: distill_step.DistillConfig,
+                           optimizer: optax.GradientTransformation, mesh: Mesh
+                           ) -> train.TrainState:
+    shapes = jax.eval_shape(lambda p: train.init_state(dcfg.student, optimizer, p),
+                            distill_step.param_shapes(dcfg))
+    return train.abstract_like(shapes, distill_step.state_shardings(dcfg, optimizer, mesh))
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s (from shard shapes)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
+def step_and_args(spec: StepSpec, mesh: Mesh) -> tuple[Any, tuple[Any, ...]]:
+    """(the jitted step exactly as training runs it, its abstract arguments)."""
+    batch = abstract_batch(mesh, spec.batch_size, spec.seq_len)
+    if spec.kind == "train":
+        return (train.jit_train_step(spec.student, spec.optimizer, mesh),
+                (abstract_train_state(spec.student, spec.optimizer, mesh), batch))
+    if spec.kind == "distill":
+        dcfg = spec.distill
+        return (distill_step.jit_train_step(dcfg, spec.optimizer, mesh),
+                (abstract_distill_state(dcfg, spec.optimizer, mesh),
+                 abstract_params(dcfg.teacher, mesh), batch))
+    return (train.jit_eval_step(spec.student, mesh),
+            (abstract_params(spec.student, mesh), batch))
+
+
+def argument_bytes(spec: StepSpec, mesh: Mesh) -> dict[str, int]:
+    """Per-device bytes of the step's inputs by the sharding arithmetic alone (no compile):
+    'state' (params + optimizer state + step, or params for 'forward'), 'teacher', 'batch'."""
+    _, args = step_and_args(spec, mesh)
+    names = ("state", "teacher", "batch") if spec.kind == "distill" else ("state", "batch")
+    return dict(zip(names, (shard_bytes(a) for a in args), strict=True))
+
+
+# -------------------------------------------------------------------------------- compiling
+
+
+def compile_cost(jitted: Any, *args: Any) -> Cost:
+    """Lower and compile `jitted` on abstract `args`; XLA's per-device memory and FLOPs."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    memory = Memory(argument=int(stats.argument_size_in_bytes),
+                    output=int(stats.output_size_in_bytes),
+                    alias=int(stats.alias_size_in_bytes), temp=int(stats.temp_size_in_bytes),
+                    generated_code=int(stats.generated_code_size_in_bytes))
+    return Cost(memory=memory, flops=_flops(compiled.cost_analysis()), compile_s=seconds)
+
+
+def _flops(analysis: Any) -> float:
+    """`cost_analysis()` is a dict (a list of one dict in older jax)."""
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def step_cost(spec: StepSpec, mesh: Mesh) -> Cost:
+    """The compiled step exactly as training runs it (scanned layers, chunked loss)."""
+    return compile_cost(*_flatten(step_and_args(spec, mesh)))
+
+
+def _flatten(pair: tuple[Any, tuple[Any, ...]]) -> tuple[Any, ...]:
+    jitted, args = pair
+    return (jitted, *args)
+
+
+def counting_variant(spec: StepSpec, depths: Mapping[str, int]) -> StepSpec:
+    """`spec` with every loop run once: layers unrolled at the given depths, one loss chunk,
+    no micro-batches (see the module docstring)."""
+    models = {name: cfg.replace(n_layers=depths[name], scan_unroll=True)
+              for name, cfg in spec.models().items()}
+    out = spec.with_models(models)
+    if out.kind == "distill":
+        loss = dataclasses.replace(out.distill.loss, chunk_size=max(spec.seq_len,
+                                                                    out.distill.loss.chunk_size
+                                                                    or 1))
+        out = dataclasses.replace(out, distill=dataclasses.replace(out.distill, loss=loss,
+                                                                   grad_accum=1))
+    return out
+
+
+def exact_flops(spec: StepSpec, mesh: Mesh,
+                compile_fn: Callable[[StepSpec, Mesh], Cost] = step_cost
+                ) -> tuple[float, float]:
+    """(per-device FLOPs of one step, seconds spent compiling), counted exactly by
+    extrapolating over depth from 1 + (number of models) small compiles (module docstring)."""
+    if spec.kind == "distill" and spec.distill.hidden is not None:
+        raise ValueError("FLOP counting does not support hidden-state distillation (its layer "
+                         "map fixes the depths); count the step with hidden=None")
+    models = spec.models()
+    ones = dict.fromkeys(models, 1)
+    base = compile_fn(counting_variant(spec, ones), mesh)
+    flops, seconds = base.flops, base.compile_s
+    for name, cfg in models.items():
+        two = compile_fn(counting_variant(spec, {**ones, name: 2}), mesh)
+        flops += (cfg.n_layers - 1) * (two.flops - base.flops)
+        seconds += two.compile_s
+    return flops, seconds
+
+
+# ---------------------------------------------------------------------------- cross-checks
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: every layer's and the LM head (the
+    embedding lookup is a gather, not a matmul)."""
+    return cfg.num_params() - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1) \
+        - cfg.d_model * (2 * cfg.n_layers + 1)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """2·(matmul weights) + the attention scores and mixing, 4·N·L·H·E (masked positions are
+    computed too: the model builds full [L, L] scores)."""
+    return 2.0 * matmul_params(cfg) + 4.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+
+
+def analytic_flops(spec: StepSpec, n_devices: int) -> float:
+    """Textbook per-device FLOPs of the step, if the work split evenly over `n_devices`:
+    a trained model costs 3 forwards (4 with remat), a frozen teacher or eval one."""
+    tokens = spec.batch_size * spec.seq_len
+    student = forward_flops_per_token(spec.student, spec.seq_len)
+    passes = 1 if spec.kind == "forward" else 4 if spec.student.remat else 3
+    total = passes * student
+    if spec.kind == "distill":
+        total += forward_flops_per_token(spec.distill.teacher, spec.seq_len)
+    return total * tokens / n_devices
+

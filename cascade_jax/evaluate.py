@@ -1,0 +1,102 @@
+"""How good a child is: perplexity on held-out text, and how close it is to a teacher.
+
+A cascade's results table compares stages by validation loss (perplexity), forward KL to the
+teacher and top-1 agreement with it. The KL and agreement come from the fused-chunked loss of
+`cascade_jax.distill.losses`, so evaluating a 131k-vocabulary child never builds [B, L, V]
+logits for both models at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from cascade_jax import lm, model, sharding, train
+from cascade_jax.config import ModelConfig
+from cascade_jax.distill import losses
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+# KL(teacher ‖ student) at T = 1: what "KL to teacher" means in a results table.
+_KL_SPEC = losses.LossSpec(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=256)
+
+
+def teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, params: model.Params,
+                        teacher_params: model.Params, batch: Batch) -> Metrics:
+    """Token-weighted sums: `loss_sum` (CE on the text), `kl_sum` (forward KL to the teacher),
+    `agree_sum` (student's top-1 = teacher's top-1), `loss_count`."""
+    targets_BL, weights_BL = lm.next_token_targets(batch)
+    args = (batch["tokens"], batch.get("segment_ids"), batch.get("positions"))
+    student_BLD = model.hidden_states(cfg, params, *args)
+    teacher_BLT = model.hidden_states(teacher_cfg, teacher_params, *args)
+    spec = _KL_SPEC if batch["tokens"].shape[1] % _KL_SPEC.chunk_size == 0 else (
+        losses.LossSpec(kind="forward_kl", chunk_size=None))
+    _, sums = losses.distill_loss(student_BLD, model.lm_head_weights(cfg, params), teacher_BLT,
+                                  model.lm_head_weights(teacher_cfg, teacher_params),
+                                  targets_BL, weights_BL, spec)
+    return {"loss_sum": sums["ce_sum"], "kl_sum": sums["kd_sum"],
+            "agree_sum": sums["agree_sum"], "loss_count": sums["count"]}
+
+
+def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Mesh,
+                            rules: Any = sharding.DEFAULT_RULES
+                            ) -> Callable[[model.Params, model.Params, Batch], Metrics]:
+    """`teacher_metric_sums` compiled for `mesh`: `(params, teacher_params, batch) -> sums`."""
+    return jax.jit(functools.partial(teacher_metric_sums, cfg, teacher_cfg),
+                   in_shardings=(sharding.param_shardings(cfg, mesh, rules),
+                                 sharding.param_shardings(teacher_cfg, mesh, rules),
+                                 sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
+              *, max_batches: int | None = None, teacher_cfg: ModelConfig | None = None,
+              teacher_params: model.Params | None = None
+              ) -> Callable[[model.Params], dict[str, float]]:
+    """`params -> {loss, perplexity, tokens, [accuracy | kl, agree]}` over a fresh pass of
+    `batches()` (the validation split): what `train.fit` calls every `eval_every` steps.
+
+    With a teacher, the figures include forward KL to it and top-1 agreement with it.
+    """
+    if teacher_cfg is None:
+        step = train.jit_eval_step(cfg, mesh)
+    else:
+        with_teacher = jit_teacher_metric_sums(cfg, teacher_cfg, mesh)
+
+        def step(params: model.Params, batch: Batch) -> Metrics:
+            return with_teacher(params, teacher_params, batch)
+
+    def evaluate(params: model.Params) -> dict[str, float]:
+        return train.evaluate(step, params, batches(), mesh, max_batches=max_batches)
+
+    return evaluate
+
+
+def greedy_generate(cfg: ModelConfig, params: model.Params, prompt_L: np.ndarray,
+                    n_new: int) -> np.ndarray:
+    """Greedy continuation of one prompt (a look at what a child writes, not a fast sampler:
+    it recomputes the whole prefix each token, with no KV cache)."""
+    if prompt_L.ndim != 1 or len(prompt_L) == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D token array, got shape "
+                         f"{prompt_L.shape}")
+    total = len(prompt_L) + n_new
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt of {len(prompt_L)} + n_new={n_new} tokens exceeds "
+                         f"max_seq_len={cfg.max_seq_len}; shorten one of them")
+    tokens_1L = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt_L)].set(prompt_L)
+
+    @jax.jit
+    def next_token(tokens_1L: jax.Array, position: jax.Array) -> jax.Array:
+        logits_1LV = model.forward(cfg, params, tokens_1L)
+        return jnp.argmax(logits_1LV[0, position - 1], axis=-1).astype(jnp.int32)
+
+    for position in range(len(prompt_L), total):
+        tokens_1L = tokens_1L.at[0, position].set(next_token(tokens_1L, position))
+    return np.asarray(tokens_1L[0])

@@ -1,0 +1,110 @@
+"""Ministral 3's cascade (Mistral AI, arXiv 2601.08584): Mistral Small 3.1 24B → 14B → 8B → 3B,
+each child pruned from the previous child and distilled from the root, forward KL on logits.
+
+    python -m experiments.plan --config configs/ministral3.py --mesh.fsdp=64 \
+        --config.data.seq_len=4096 --config.data.batch_size=64       # memory/FLOPs, no params
+    python -m experiments.cascade --config configs/ministral3.py \
+        --config.root.path=/ckpt/mistral-small-3.1-base-text \
+        --config.data.source='text:/data/**/*.txt' \
+        --config.data.tokenizer=/ckpt/mistral-small-3.1-base-text
+
+Where the figures come from (see /work/shared/RECIPES.md, "Ministral 3"):
+- Shapes (paper): parent 40 layers / d_model 5120 / FFN 32768, 32 query and 8 KV heads of 128,
+  vocabulary 131072; children 14B (40 / 5120 / 16384), 8B (34 / 4096 / 14336), 3B (26 / 3072 /
+  9216, tied embeddings). No head pruning at any size.
+- Each child is pruned from the previous child; the pretraining teacher is Mistral Small 3.1,
+  the root, at every stage (a stronger teacher, Mistral Medium 3, was slightly worse).
+- Layers kept by the norm ratio E‖block out‖ / ‖block in‖ ('norm_ratio'); the hidden dimension
+  by one PCA rotation of the residual stream ('pca'); FFN neurons by mean |SiLU(xW1)·(xW3)|
+  (the importance pass scores neurons by activation either way).
+- Loss: forward KL on logits only (T = 1, no cross-entropy term).
+- Distillation context 16k tokens (each stage is then extended to 262k with YaRN, which this
+  config does not do). 1–3T tokens in total, the data mix traversed once across the stages.
+- rope_theta 1e9, RMSNorm eps 1e-5, untied embeddings: Mistral Small 3.1's own config.json.
+
+Our choices, not the paper's (it gives no per-stage split, batch or learning rate):
+- 1T tokens (the low end) split evenly over the three stages, a global batch of 256 × 16384
+  tokens (4.2M), so each stage is 79,472 steps; AdamW peak lr 1e-4 with 2,000 warmup steps and
+  cosine decay to 10%.
+- bf16 matmuls with float32 master params and optimizer state; every block rematerialised.
+- The 3B's tied embeddings: pruning cannot tie an untied parent (and the PCA hidden cut unties
+  a tied one), so this config's 3B comes out untied (~0.4B more parameters than published).
+- Mesh: parameters sharded 64 ways (d_model 5120, 4096 and 3072 are all multiples of 64); data
+  parallelism takes the remaining devices (data=-1).
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+VOCAB = 131072
+TOTAL_TOKENS = 1_000_000_000_000  # the low end of the paper's 1–3T, over all stages
+SEQ_LEN = 16384                   # the paper's distillation context
+BATCH_SIZE = 256                  # global rows per step (ours)
+STAGES = {  # name -> (parent, n_layers, d_model, d_ff)
+    "ministral_14b": ("root", 40, 5120, 16384),
+    "ministral_8b": ("ministral_14b", 34, 4096, 14336),
+    "ministral_3b": ("ministral_8b", 26, 3072, 9216),
+}
+
+
+def _stage_steps() -> int:
+    """Steps per stage: the token budget split evenly, at BATCH_SIZE × SEQ_LEN tokens a step."""
+    return TOTAL_TOKENS // len(STAGES) // (BATCH_SIZE * SEQ_LEN)
+
+
+def _target(n_layers: int, d_model: int, d_ff: int) -> ml_collections.ConfigDict:
+    """The child's shape; heads are kept (placeholders = None = the parent's value)."""
+    return ml_collections.ConfigDict(dict(
+        n_layers=n_layers, d_model=d_model, d_ff=d_ff,
+        n_heads=placeholder(int), n_kv_heads=placeholder(int)))
+
+
+def _stage(parent: str, n_layers: int, d_model: int, d_ff: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        parent=parent, teacher="root", init="pruned", objective="kd",
+        target=_target(n_layers, d_model, d_ff),
+        loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=512),
+        depth_method="norm_ratio", head_method="within_group", hidden_method="pca",
+        steps=_stage_steps(), optim=dict(lr=1e-4, warmup_steps=2000, min_lr_ratio=0.1),
+        calib_batches=64, baseline=False))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.workdir = "runs/ministral3"
+    config.seed = 0
+
+    # The root is Mistral Small 3.1 base, loaded from a Hugging Face directory holding its text
+    # model as MistralForCausalLM (the release wraps it in a vision model). `model` describes it
+    # for experiments.plan, which allocates nothing; the cascade reads the shape from `path`.
+    config.root = ml_collections.ConfigDict(dict(
+        kind="hf",
+        path="",
+        model=dict(vocab_size=VOCAB, d_model=5120, n_layers=40, n_heads=32, n_kv_heads=8,
+                   head_dim=128, d_ff=32768, rope_theta=1e9, norm_eps=1e-5,
+                   tie_embeddings=False, max_seq_len=SEQ_LEN, dtype="bfloat16",
+                   param_dtype="float32", remat=True),
+    ))
+
+    config.data = ml_collections.ConfigDict(dict(
+        source="",            # set it: 'text:<glob>', 'jsonl:<glob>' or 'npy:<path>'
+        tokenizer="",         # set it: the root's tokenizer.json (or the root directory)
+        seq_len=SEQ_LEN,
+        batch_size=BATCH_SIZE,
+        cache_dir="",
+    ))
+
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=64, tensor=1))
+
+    # Stages run in stage_order (a ConfigDict iterates its keys sorted, not as written).
+    config.stage_order = tuple(STAGES)
+    config.stages = ml_collections.ConfigDict()
+    for name, (parent, n_layers, d_model, d_ff) in STAGES.items():
+        config.stages[name] = _stage(parent, n_layers, d_model, d_ff)
+
+    config.log_every = 50
+    config.eval_every = 2000
+    config.eval_batches = 64
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 2
+    return config

@@ -1,0 +1,243 @@
+"""The cascade runs its stages, resumes bit-identically after kill -9, and never clobbers."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cascade_jax import cascade, checkpoint, data, model, sharding
+from cascade_jax.config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Real text: 40 of this Python's own stdlib modules.
+STDLIB_FILES = sorted(data.builtin_corpus_files("train"))[:40]
+
+
+def tiny_config(corpus_dir: str, workdir: str) -> ml_collections.ConfigDict:
+    """A two-stage cascade that trains in seconds: root → child (KD) → grandchild (KD), plus
+    a random-init CE baseline."""
+
+    def stage(**fields):
+        base = dict(parent="root", teacher="root", init="pruned", objective="kd",
+                    target=dict(n_layers=None, d_model=None, d_ff=None, n_heads=None,
+                                n_kv_heads=None),
+                    loss=dict(kind="forward_kl", chunk_size=16), steps=6,
+                    optim=dict(lr=3e-3, warmup_steps=1), calib_batches=2)
+        base.update(fields)
+        return base
+
+    return ml_collections.ConfigDict(dict(
+        workdir=workdir, seed=0,
+        root=dict(kind="scratch", path="",
+                  model=dict(vocab_size=320, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                             head_dim=8, d_ff=64, max_seq_len=32, tie_embeddings=True),
+                  steps=6, optim=dict(lr=3e-3, warmup_steps=1)),
+        data=dict(source=f"text:{corpus_dir}/*.py", tokenizer=f"{corpus_dir}/tokenizer.json",
+                  seq_len=32, batch_size=8, cache_dir="", validation_percent=25),
+        mesh=dict(data=-1, fsdp=1, tensor=1),
+        stage_order=("child", "grandchild", "child_random_ce"),
+        stages=dict(
+            child=stage(target=dict(n_layers=2, d_ff=48, n_heads=None, n_kv_heads=None,
+                                    d_model=None)),
+            grandchild=stage(parent="child",
+                             target=dict(n_layers=1, d_model=24, d_ff=32, n_heads=None,
+                                         n_kv_heads=None)),
+            child_random_ce=stage(init="random", objective="ce", baseline=True,
+                                  target=dict(n_layers=2, d_ff=48, n_heads=None,
+                                              n_kv_heads=None, d_model=None))),
+        log_every=2, eval_every=3, eval_batches=2, checkpoint_every=2, keep_checkpoints=10))
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("corpus")
+    for i, path in enumerate(STDLIB_FILES):
+        shutil.copy(path, directory / f"m{i:02d}.py")
+    tokenizer = data.train_tokenizer([str(p) for p in sorted(directory.glob("*.py"))],
+                                     vocab_size=320)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir, tmp_path_factory) -> tuple[str, list[dict]]:
+    """One uninterrupted run, in this process."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    return workdir, cascade.run(tiny_config(corpus_dir, workdir), progress=False)
+
+
+def _final_params(workdir: str, stage: str):
+    mesh = sharding.make_mesh(data=-1)
+    _, params = cascade.load_checkpoint_model(os.path.join(workdir, stage, "checkpoints"), mesh)
+    return params
+
+
+def _assert_bit_identical(got, want) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_stages_shrink_and_the_table_has_every_row(reference):
+    workdir, results = reference
+    assert [r["stage"] for r in results] == ["root", "child", "grandchild", "child_random_ce"]
+    params = {r["stage"]: r["params"] for r in results}
+    assert params["root"] > params["child"] > params["grandchild"]
+    assert params["child"] == params["child_random_ce"]
+    for r in results:
+        assert np.isfinite(r["validation_loss"]) and r["tokens"] > 0
+        assert np.isclose(r["perplexity"], np.exp(r["validation_loss"]))
+    for r in results[1:]:
+        assert r["kl_to_teacher"] >= 0 and 0 <= r["top1_agreement"] <= 1
+    table = pathlib.Path(workdir, "results.md").read_text()
+    assert all(f"| {r['stage']} |" in table for r in results)
+    csv_rows = pathlib.Path(workdir, "results.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + len(results)
+    assert pathlib.Path(workdir, "loss_curves.png").stat().st_size > 0
+    assert pathlib.Path(workdir, "importance_child.png").stat().st_size > 0
+
+
+def test_child_checkpoint_records_its_lineage(reference):
+    workdir, _ = reference
+    meta = checkpoint.read_metadata(os.path.join(workdir, "grandchild", "checkpoints"))
+    assert meta["parent"] == os.path.join(workdir, "child", "checkpoints")
+    assert meta["teacher"] == os.path.join(workdir, "root")
+    assert meta["tokens_seen"] > 0 and meta["step"] == 6
+    assert len(meta["record"]["layers"]) == 1 and meta["target"]["d_model"] == 24
+    assert os.path.exists(meta["importance"])
+    # Step 0 is the pruned child before any training: the parent's kept layers, sliced.
+    assert checkpoint.all_steps(os.path.join(workdir, "grandchild", "checkpoints"))[-1] == 6
+
+
+def test_pruned_step_zero_equals_surgery_on_the_parent(reference):
+    """The child that training started from is exactly `prune.prune` of the finished parent."""
+    from cascade_jax import prune
+
+    workdir, _ = reference
+    parent = _final_params(workdir, "root")
+    root_cfg = ModelConfig.from_dict(checkpoint.read_metadata(
+        os.path.join(workdir, "root", "checkpoints"))["model"])
+    scores = prune.Importance.load(os.path.join(workdir, "child", "importance.npz"), root_cfg)
+    out = prune.prune(root_cfg, parent, scores, prune.Target(n_layers=2, d_ff=48))
+    with checkpoint.Checkpointer(os.path.join(workdir, "child", "checkpoints"),
+                                 read_only=True) as ckpt:
+        step0 = ckpt.restore({"params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), out.params)},
+            step=0,
+            partial=True).state["params"]
+    _assert_bit_identical(step0, out.params)
+
+
+def _worker(corpus_dir: str, workdir: str, kill_dir: str = "", kill_step: int = -1,
+            kill_when: str = "") -> None:
+    """Run the cascade; SIGKILL this process at one save ('during' it, or 'after' commit)."""
+    if kill_dir:
+        original = checkpoint.Checkpointer.save
+
+        def save(self, step, state, **kwargs):
+            saved = original(self, step, state, **kwargs)
+            if step == kill_step and str(self.directory).endswith(kill_dir):
+                if kill_when == "after":
+                    self.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return saved
+
+        checkpoint.Checkpointer.save = save
+    cascade.run(tiny_config(corpus_dir, workdir), progress=False)
+
+
+def _run_worker(*args) -> int:
+    code = f"import runpy; runpy.run_path({__file__!r})['_worker'](*{args!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(done.stdout[-3000:] + done.stderr[-3000:])
+    return done.returncode
+
+
+def test_killed_at_several_points_resumes_bit_identical(reference, corpus_dir, tmp_path):
+    ref_dir, ref_results = reference
+    workdir = str(tmp_path / "run")
+    kills = [("root/checkpoints", 4, "after"),      # mid-root, after a committed save
+             ("child/checkpoints", 0, "during"),    # pruned child's first save half-written
+             ("grandchild/checkpoints", 4, "during")]
+    for kill_dir, step, when in kills:
+        assert _run_worker(corpus_dir, workdir, kill_dir, step, when) == -signal.SIGKILL
+    assert _run_worker(corpus_dir, workdir) == 0
+    for stage in ("root", "child", "grandchild", "child_random_ce"):
+        _assert_bit_identical(_final_params(workdir, stage), _final_params(ref_dir, stage))
+    results = pathlib.Path(workdir, "results.csv").read_text().splitlines()
+    assert len(results) == 1 + len(ref_results)
+
+
+def test_an_existing_run_of_another_config_is_refused_untouched(reference, corpus_dir):
+    workdir, _ = reference
+    before = pathlib.Path(workdir, "cascade.json").read_bytes()
+    config = tiny_config(corpus_dir, workdir)
+    config.stages.child.steps = 7
+    with pytest.raises(ValueError, match=r"different config .*stages"):
+        cascade.run(config, progress=False)
+    assert pathlib.Path(workdir, "cascade.json").read_bytes() == before
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference, corpus_dir):
+    workdir, results = reference
+    steps = checkpoint.all_steps(os.path.join(workdir, "child", "checkpoints"))
+    again = cascade.run(tiny_config(corpus_dir, workdir), progress=False)
+    assert [r["validation_loss"] for r in again] == [r["validation_loss"] for r in results]
+    assert checkpoint.all_steps(os.path.join(workdir, "child", "checkpoints")) == steps
+
+
+def test_a_corrupted_checkpoint_names_the_file_and_is_left_alone(reference, corpus_dir,
+                                                                  tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(reference[0], workdir)
+    checkpoints = os.path.join(workdir, "child", "checkpoints")
+    step_dir = pathlib.Path(checkpoint.Checkpointer(checkpoints, read_only=True).step_dir(
+        checkpoint.latest_step(checkpoints)))
+    for path in (p for p in (step_dir / "state").rglob("*") if p.is_file()):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    snapshot = sorted(str(p) for p in pathlib.Path(workdir).rglob("*"))
+    with pytest.raises(checkpoint.CheckpointError, match="child/checkpoints"):
+        cascade.run(tiny_config(corpus_dir, workdir), progress=False)
+    assert sorted(str(p) for p in pathlib.Path(workdir).rglob("*")) == snapshot
+
+
+def test_restore_on_another_mesh_gives_the_same_forward(reference):
+    """Saved from the 8-device data-parallel run; restored onto 1 device and onto 2×4."""
+    workdir, _ = reference
+    directory = os.path.join(workdir, "child", "checkpoints")
+    cfg = ModelConfig.from_dict(checkpoint.read_metadata(directory)["model"])
+    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (8, 16), dtype=np.int32)
+    outputs = []
+    for mesh in (sharding.make_mesh(devices=jax.devices()[:1]),
+                 sharding.make_mesh(data=2, fsdp=4)):
+        _, params = cascade.load_checkpoint_model(directory, mesh)
+        leaf = jax.tree.leaves(params)[0]
+        assert leaf.sharding.mesh.devices.size == mesh.devices.size
+        outputs.append(np.asarray(model.forward(cfg, params, tokens)))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_stage_configs_are_clear_errors(corpus_dir, tmp_path):
+    config = tiny_config(corpus_dir, str(tmp_path))
+    config.stages.grandchild.parent = "nope"
+    with pytest.raises(ValueError, match="parent='nope'"):
+        cascade.stages_from_config(config)
+    config = tiny_config(corpus_dir, str(tmp_path))
+    config.stage_order = ("grandchild", "child", "child_random_ce")
+    with pytest.raises(ValueError, match="parent='child'"):
+        cascade.stages_from_config(config)
+    config = tiny_config(corpus_dir, str(tmp_path))
+    config.stage_order = ("child",)
+    with pytest.raises(ValueError, match="stage_order"):
+        cascade.stages_from_config(config)

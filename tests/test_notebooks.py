@@ -1,0 +1,111 @@
+"""Every notebook in colab/ runs top to bottom, in a kernel of this interpreter.
+
+The kernel is launched from a throwaway kernelspec that names `sys.executable`, so a `python3`
+kernelspec elsewhere on the machine (say in ~/.local/share/jupyter) cannot substitute another
+Python; a probe cell appended to each notebook checks the kernel's `sys.prefix`. The kernel
+inherits this process's environment (tests/conftest.py: 8 virtual CPU devices, CPU only) plus
+PYTHONPATH = the checkout, runs in a temporary directory, and shares the data cache
+($CASCADE_JAX_CACHE or ~/.cache/cascade_jax), so the built-in tokenizer is trained at most once.
+
+Convention: a notebook binds `summary`, a dict of its headline figures. The probe reads it and
+the checks below run on whatever keys it has: every `perplexity*` is finite and below the
+vocabulary size, a child has fewer params than its parent, distillation improves on the pruned
+child, and the importance-chosen layers beat the control that keeps the lowest-scored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("ipykernel")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
+KERNEL_NAME = "cascade-jax-test"
+CELL_TIMEOUT_S = 600
+PROBE_TAG = "CASCADE_JAX_PROBE "
+PROBE = f"""
+import json as _json
+import sys as _sys
+_summary = globals().get("summary")
+print({PROBE_TAG!r} + _json.dumps({{"prefix": _sys.prefix, "summary": _summary}}, default=float))
+"""
+
+
+def _install_kernelspec(directory: Path) -> None:
+    """A kernelspec that launches exactly this interpreter, found first through JUPYTER_PATH."""
+    spec_dir = directory / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "cascade_jax tests", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+def _stream_text(cell: dict) -> str:
+    return "".join(out.get("text", "") for out in cell.get("outputs", [])
+                   if out.get("output_type") == "stream")
+
+
+def _check_summary(name: str, summary: dict) -> None:
+    vocab = summary.get("vocab_size")
+    perplexities = {k: v for k, v in summary.items() if k.startswith("perplexity")}
+    assert perplexities, f"{name}: summary has no perplexity_* entries: {sorted(summary)}"
+    for key, value in perplexities.items():
+        assert math.isfinite(value) and value > 1.0, f"{name}: {key}={value}"
+        if vocab is not None:
+            assert value < vocab, f"{name}: {key}={value} is no better than chance ({vocab})"
+    if "params_parent" in summary and "params_child" in summary:
+        assert summary["params_child"] < summary["params_parent"], summary
+    if "perplexity_parent" in summary and "perplexity_unigram" in summary:
+        assert summary["perplexity_parent"] < summary["perplexity_unigram"], (
+            f"{name}: the parent did not beat the unigram baseline: {summary}")
+    if "perplexity_healed" in summary and "perplexity_pruned" in summary:
+        assert summary["perplexity_healed"] < summary["perplexity_pruned"], summary
+    if "perplexity_pruned_lowest_layers" in summary and "perplexity_pruned" in summary:
+        assert summary["perplexity_pruned"] < summary["perplexity_pruned_lowest_layers"], summary
+
+
+def test_notebooks_found() -> None:
+    assert any(p.name == "quickstart.ipynb" for p in NOTEBOOKS), NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = nbformat.read(path, as_version=4)
+    stored = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not stored, f"{path.name}: store notebooks with outputs cleared"
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+
+    _install_kernelspec(tmp_path / "jupyter")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # a debugger warning on stderr
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+
+    client = nbclient.NotebookClient(
+        nb, kernel_name=KERNEL_NAME, timeout=CELL_TIMEOUT_S, startup_timeout=120,
+        resources={"metadata": {"path": str(workdir)}})
+    client.execute()  # raises CellExecutionError, naming the cell, on any error
+
+    probe = _stream_text(nb.cells[-1])
+    assert PROBE_TAG in probe, f"{path.name}: probe printed {probe!r}"
+    result = json.loads(probe.split(PROBE_TAG, 1)[1])
+    assert os.path.realpath(result["prefix"]) == os.path.realpath(sys.prefix), (
+        f"the kernel ran {result['prefix']}, not this interpreter's {sys.prefix}")
+    assert isinstance(result["summary"], dict), (
+        f"{path.name} must bind `summary`, a dict of its headline figures")
+    _check_summary(path.name, result["summary"])
+    if path.name == "quickstart.ipynb":
+        images = [o for c in nb.cells for o in c.get("outputs", [])
+                  if "image/png" in o.get("data", {})]
+        assert len(images) == 1, f"expected the layer-importance plot once, got {len(images)}"
