@@ -49,7 +49,8 @@ def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Me
                             rules: Any = sharding.DEFAULT_RULES
                             ) -> Callable[[model.Params, model.Params, Batch], Metrics]:
     """`teacher_metric_sums` compiled for `mesh`: `(params, teacher_params, batch) -> sums`."""
-    return jax.jit(functools.partial(teacher_metric_sums, cfg, teacher_cfg),
+    return jax.jit(sharding.traced_on_mesh(
+                       functools.partial(teacher_metric_sums, cfg, teacher_cfg), mesh, rules),
                    in_shardings=(sharding.param_shardings(cfg, mesh, rules),
                                  sharding.param_shardings(teacher_cfg, mesh, rules),
                                  sharding.batch_sharding(mesh)),

@@ -205,8 +205,8 @@ def _mesh_targets(cfg: ModelConfig, mesh: Mesh, k: int, mode: str, temperature: 
     rows = sharding.batch_sharding(mesh)
     static = dict(k=k, mode=mode, temperature=temperature, chunk_size=chunk_size,
                   logprob_dtype=logprob_dtype)
-    return jax.jit(lambda params, batch, rng: _targets_for_cache(cfg, params, batch, rng,
-                                                                 **static),
+    targets = functools.partial(_targets_for_cache, cfg, **static)
+    return jax.jit(sharding.traced_on_mesh(targets, mesh),
                    in_shardings=(sharding.param_shardings(cfg, mesh), rows,
                                  sharding.replicated(mesh)),
                    out_shardings=(rows, rows))

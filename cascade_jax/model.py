@@ -48,6 +48,9 @@ INTERMEDIATES = (
 
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
+# Logical axes of the residual stream between blocks (mapped to the mesh by sharding's rules).
+RESIDUAL_AXES = ("batch", "length", "activation_embed")
+
 
 def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x [..., D] · w [D, ...]` as one 2-D matmul over the flattened leading dims.
@@ -177,6 +180,15 @@ class Mlp(nn.Module):
         return _dense(act_BLF, w_down_FD.astype(dt))
 
 
+def constrain_residual(x_BLD: jax.Array) -> jax.Array:
+    """Pin the residual stream to its logical layout: batch split, d_model whole.
+
+    A no-op outside a mesh context (see `sharding.traced_on_mesh`). Without it XLA's
+    propagation copies the `embed` params' fsdp sharding onto the activations.
+    """
+    return nn.with_logical_constraint(x_BLD, RESIDUAL_AXES)
+
+
 class Block(nn.Module):
     """Pre-norm residual block; the signature `(carry, *broadcast) -> (carry, None)` suits scan."""
 
@@ -185,6 +197,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array,
                  mask_BLM: jax.Array) -> tuple[jax.Array, None]:
+        x_BLD = constrain_residual(x_BLD)
         self.sow("intermediates", "block_in", x_BLD)
         h_BLD = RMSNorm(self.cfg, name="attn_norm")(x_BLD)
         self.sow("intermediates", "attn_norm_out", h_BLD)
@@ -193,6 +206,7 @@ class Block(nn.Module):
         h_BLD = RMSNorm(self.cfg, name="mlp_norm")(x_BLD)
         self.sow("intermediates", "mlp_norm_out", h_BLD)
         x_BLD = x_BLD + Mlp(self.cfg, name="mlp")(h_BLD)
+        x_BLD = constrain_residual(x_BLD)
         self.sow("intermediates", "block_out", x_BLD)
         return x_BLD, None
 

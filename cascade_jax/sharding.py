@@ -8,8 +8,9 @@ the three axes `data × fsdp × tensor` (any may be 1): data parallelism, parame
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    # The residual stream's d_model between blocks stays whole: sharding it like the `embed`
+    # params (over fsdp) would make XLA gather the batch instead of the weights (ZeRO-3 wants
+    # the opposite), with [B, L, ...] temporaries that grow with the fsdp axis.
+    ("activation_embed", None),
 )
 
 
@@ -62,6 +67,21 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
     # Auto axes: XLA's sharding propagation fills in activations from the params and batch.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
+
+
+def traced_on_mesh(fn: Callable[..., Any], mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Callable[..., Any]:
+    """`fn` whose tracing sees `mesh` and `rules` as context, for `jax.jit` to compile.
+
+    The model pins its activations with logical constraints (`nn.with_logical_constraint`);
+    those are no-ops unless a mesh and logical rules are in context while jit traces, so
+    every step compiled for a mesh wraps its function with this.
+    """
+    @functools.wraps(fn)
+    def on_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+    return on_mesh
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh,

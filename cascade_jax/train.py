@@ -123,7 +123,8 @@ def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, me
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step` compiled for `mesh`; the incoming state's buffers are donated."""
     state_sh = state_shardings(cfg, optimizer, mesh, rules)
-    return jax.jit(functools.partial(train_step, cfg, optimizer),
+    return jax.jit(sharding.traced_on_mesh(functools.partial(train_step, cfg, optimizer),
+                                           mesh, rules),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=(0,))
@@ -131,7 +132,7 @@ def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, me
 
 def jit_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Any = sharding.DEFAULT_RULES
                   ) -> Callable[[model.Params, Batch], Metrics]:
-    return jax.jit(functools.partial(eval_step, cfg),
+    return jax.jit(sharding.traced_on_mesh(functools.partial(eval_step, cfg), mesh, rules),
                    in_shardings=(sharding.param_shardings(cfg, mesh, rules),
                                  sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))

@@ -10,7 +10,8 @@ PYTHONPATH = the checkout, runs in a temporary directory, and shares the data ca
 Convention: a notebook binds `summary`, a dict of its headline figures. The probe reads it and
 the checks below run on whatever keys it has: every `perplexity*` is finite and below the
 vocabulary size, a child has fewer params than its parent, distillation improves on the pruned
-child, and the importance-chosen layers beat the control that keeps the lowest-scored ones.
+child, the importance-chosen layers beat the control that keeps the lowest-scored ones, and a
+cascade's pruned, distilled child beats the same shape trained from random init.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def _check_summary(name: str, summary: dict) -> None:
         assert summary["perplexity_healed"] < summary["perplexity_pruned"], summary
     if "perplexity_pruned_lowest_layers" in summary and "perplexity_pruned" in summary:
         assert summary["perplexity_pruned"] < summary["perplexity_pruned_lowest_layers"], summary
+    if "perplexity_child" in summary and "perplexity_child_random_ce" in summary:
+        assert summary["perplexity_child"] < summary["perplexity_child_random_ce"], (
+            f"{name}: the pruned, distilled child did not beat random init: {summary}")
 
 
 def test_notebooks_found() -> None:
-    assert any(p.name == "quickstart.ipynb" for p in NOTEBOOKS), NOTEBOOKS
+    assert {"quickstart.ipynb", "tiny_cascade.ipynb"} <= {p.name for p in NOTEBOOKS}, NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -105,7 +109,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert isinstance(result["summary"], dict), (
         f"{path.name} must bind `summary`, a dict of its headline figures")
     _check_summary(path.name, result["summary"])
-    if path.name == "quickstart.ipynb":
-        images = [o for c in nb.cells for o in c.get("outputs", [])
-                  if "image/png" in o.get("data", {})]
-        assert len(images) == 1, f"expected the layer-importance plot once, got {len(images)}"
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    expected_images = {"quickstart.ipynb": 1, "tiny_cascade.ipynb": 2}.get(path.name)
+    if expected_images is not None:  # quickstart: layer importance; cascade: losses, importance
+        assert len(images) == expected_images, f"{path.name}: {len(images)} plots shown"

@@ -60,3 +60,25 @@ def test_custom_rules_replicate_a_logical_axis():
     assert isinstance(shardings["layers"]["attn"]["wk"], NamedSharding)
     assert shardings["layers"]["attn"]["wk"].spec == PartitionSpec(None, "fsdp", None, None)
     assert shardings["layers"]["mlp"]["w_up"].spec == PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_residual_stream_is_batch_sharded_not_embed_sharded_under_fsdp():
+    """Pure FSDP (ZeRO-3): params are split along d_model, activations must be split along the
+    batch. Without the model's constraint XLA copies the params' d_model sharding onto the
+    residual stream and every device holds the whole batch (the plan's 130+ GiB temporaries).
+    """
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    params = sharding.init_params(CFG, jax.random.key(0), mesh)
+    tokens = jax.device_put(np.zeros((8, 16), np.int32), sharding.batch_sharding(mesh))
+
+    def residuals(p, t):
+        return model.forward_with_intermediates(CFG, p, t, names=("block_in", "block_out"))[1]
+
+    unconstrained = jax.jit(residuals)(params, tokens)  # no mesh context: constraint is a no-op
+    assert unconstrained["block_in"].sharding.spec[1] is None  # batch whole: the failure mode
+    constrained = jax.jit(sharding.traced_on_mesh(residuals, mesh))(params, tokens)
+    for name, value in constrained.items():
+        batch_axes, d_model_axes = value.sharding.spec[1], value.sharding.spec[3:4]
+        assert batch_axes in ("fsdp", ("data", "fsdp")), (name, value.sharding.spec)
+        assert d_model_axes in ((), (None,)), (name, value.sharding.spec)
+        np.testing.assert_allclose(value, unconstrained[name], rtol=1e-6, atol=1e-6)

@@ -378,7 +378,8 @@ def jit_train_step(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
     data × fsdp; the incoming student state is donated, the teacher is not.
     """
     state_sh = state_shardings(dcfg, optimizer, mesh, rules)
-    return jax.jit(functools.partial(train_step, dcfg, optimizer),
+    return jax.jit(sharding.traced_on_mesh(functools.partial(train_step, dcfg, optimizer),
+                                           mesh, rules),
                    in_shardings=(state_sh, teacher_shardings(dcfg, mesh, rules),
                                  sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)),
@@ -463,7 +464,9 @@ def jit_train_step_cached(dcfg: DistillConfig, optimizer: optax.GradientTransfor
     the incoming state is donated."""
     _check_cached_config(dcfg, mode)
     state_sh = state_shardings(dcfg, optimizer, mesh, rules)
-    return jax.jit(functools.partial(train_step_cached, dcfg, optimizer, mode=mode),
+    return jax.jit(sharding.traced_on_mesh(
+                       functools.partial(train_step_cached, dcfg, optimizer, mode=mode),
+                       mesh, rules),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=(0,))

@@ -436,7 +436,7 @@ def _compiled_step(cfg: ModelConfig, settings: _Settings, mesh: Mesh | None):
         return jax.jit(step, donate_argnums=0)
     acc_sh = jax.tree.map(lambda _: sharding.replicated(mesh),
                           jax.eval_shape(lambda: _empty_accumulators(cfg, settings)))
-    return jax.jit(step, donate_argnums=0,
+    return jax.jit(sharding.traced_on_mesh(step, mesh), donate_argnums=0,
                    in_shardings=(acc_sh, sharding.param_shardings(cfg, mesh),
                                  sharding.batch_sharding(mesh)),
                    out_shardings=acc_sh)
