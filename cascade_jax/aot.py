@@ -70,6 +70,7 @@ class StepSpec:
     seq_len: int
     optimizer: optax.GradientTransformation | None = None
     distill: distill_step.DistillConfig | None = None
+    grad_accum: int = 1  # kind 'train' only ('distill' takes `distill.grad_accum`)
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
@@ -111,13 +112,10 @@ class Cost:
 # ----------------------------------------------------------------------- abstract arguments
 
 
-def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, grad_accum: int = 1
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
     """The [B, L] int32 batch contract, split over data × fsdp like a real batch."""
-    ways = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-    if batch_size % ways:
-        raise ValueError(f"global batch_size={batch_size} does not split over the "
-                         f"{ways} batch shards of mesh {dict(mesh.shape)}; use a multiple of "
-                         f"{ways}")
+    sharding.check_batch_split(batch_size, mesh, grad_accum)
     where = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=where)
             for k in BATCH_KEYS}
@@ -151,9 +149,11 @@ def shard_bytes(tree: Any) -> int:
 
 def step_and_args(spec: StepSpec, mesh: Mesh) -> tuple[Any, tuple[Any, ...]]:
     """(the jitted step exactly as training runs it, its abstract arguments)."""
-    batch = abstract_batch(mesh, spec.batch_size, spec.seq_len)
+    grad_accum = spec.distill.grad_accum if spec.kind == "distill" else spec.grad_accum
+    batch = abstract_batch(mesh, spec.batch_size, spec.seq_len, grad_accum)
     if spec.kind == "train":
-        return (train.jit_train_step(spec.student, spec.optimizer, mesh),
+        return (train.jit_train_step(spec.student, spec.optimizer, mesh,
+                                     grad_accum=spec.grad_accum),
                 (abstract_train_state(spec.student, spec.optimizer, mesh), batch))
     if spec.kind == "distill":
         dcfg = spec.distill
@@ -217,7 +217,7 @@ def counting_variant(spec: StepSpec, depths: Mapping[str, int]) -> StepSpec:
                                                                     or 1))
         out = dataclasses.replace(out, distill=dataclasses.replace(out.distill, loss=loss,
                                                                    grad_accum=1))
-    return out
+    return dataclasses.replace(out, grad_accum=1)
 
 
 def exact_flops(spec: StepSpec, mesh: Mesh,

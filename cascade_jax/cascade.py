@@ -54,6 +54,8 @@ class Stage:
     init: 'pruned' (the parent pruned to `target`) or 'random' (the same shape from random
       init: the baseline pruning is compared with).
     objective: 'kd' (the `loss` spec) or 'ce' (next-token cross-entropy only, a baseline).
+    grad_accum: micro-batches per step (the global batch is unchanged; activations of one
+      micro-batch live at a time).
     baseline: a comparison row; it never changes what the main stages do.
     """
 
@@ -70,6 +72,7 @@ class Stage:
     steps: int = 100
     optim: dict[str, float] = dataclasses.field(default_factory=dict)
     calib_batches: int = 8
+    grad_accum: int = 1
     baseline: bool = False
 
 
@@ -113,6 +116,9 @@ def stages_from_config(config: ml_collections.ConfigDict) -> list[Stage]:
                              f"objective={stage.objective!r} one of {OBJECTIVES}")
         if stage.steps < 1:
             raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
+        if not isinstance(stage.grad_accum, int) or stage.grad_accum < 1:
+            raise ValueError(f"stage {name!r}: grad_accum={stage.grad_accum!r} must be a "
+                             "positive integer (1 = no accumulation)")
         stages.append(stage)
     return stages
 
@@ -248,13 +254,36 @@ def _result(stage: str, cfg: ModelConfig, tokens: int, wall_s: float, directory:
 # -------------------------------------------------------------------------------- the root
 
 
+# How a loaded root is *run* (not its shape): taken from `config.root.model` when it sets them,
+# so a bf16, rematerialised 24B root is not run in the file's float32 without remat.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll")
+
+
+def with_runtime_settings(cfg: ModelConfig, root: ml_collections.ConfigDict) -> ModelConfig:
+    """`cfg` (read from the root's files) with the runtime fields `root.model` gives.
+
+    Shape fields of `root.model` that disagree with the files are logged, not applied: the
+    files are the model; `root.model` only describes it for `experiments.plan`.
+    """
+    given = dict(root.get("model") or {})
+    changes = {name: given[name] for name in RUNTIME_FIELDS if given.get(name) is not None}
+    stored = cfg.to_dict()
+    differ = sorted(name for name, value in given.items()
+                    if name not in RUNTIME_FIELDS and name in stored and value != stored[name])
+    if differ:
+        logging.warning("config.root.model disagrees with %s on %s; using the files' values",
+                        root.path, {name: (given[name], stored[name]) for name in differ})
+    return cfg.replace(**changes)
+
+
 def _root_config(run: _Run) -> ModelConfig:
     root = run.config.root
     if root.kind == "hf":
-        return hf.read_config(root.path)
+        return with_runtime_settings(hf.read_config(root.path), root)
     if root.kind == "orbax":
         with checkpoint.Checkpointer(root.path, read_only=True) as ckpt:
-            return ModelConfig.from_dict(ckpt.read_metadata()["model"])
+            return with_runtime_settings(ModelConfig.from_dict(ckpt.read_metadata()["model"]),
+                                         root)
     return train.model_config_from(root, run.datasets.tokenizer.get_vocab_size())
 
 
@@ -285,9 +314,11 @@ def run_root(run: _Run) -> dict[str, Any]:
         params = _final_state_params(directory, cfg, run.mesh)
     else:
         if root.kind == "hf":
-            _, params = hf.load(root.path, shardings=sharding.param_shardings(cfg, run.mesh))
+            _, params = hf.load(root.path, dtype=cfg.param_dtype,
+                                shardings=sharding.param_shardings(cfg, run.mesh))
         else:
-            cfg, params = load_checkpoint_model(root.path, run.mesh)
+            _, params = load_checkpoint_model(root.path, run.mesh)
+            params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
         if not os.path.exists(result_path):
             os.makedirs(directory, exist_ok=True)
             scores = run.evaluator(cfg, None)(params)
@@ -328,7 +359,7 @@ def _make_child(run: _Run, stage: Stage, stage_index: int, parent: Trained
     directory = run.stage_dir(stage.name)
     os.makedirs(directory, exist_ok=True)
     if stage.init == "random":
-        child_cfg = parent.cfg.replace(**stage.target.resolve(parent.cfg))
+        child_cfg = stage.target.child_config(parent.cfg)
         return child_cfg, None, {"init": "random"}
     importance_path = os.path.join(directory, "importance.npz")
     if os.path.exists(importance_path):
@@ -383,7 +414,8 @@ def _train_stage(run: _Run, stage: Stage, cfg: ModelConfig, child_params: model.
                                "importance": record.get("importance"),
                                "record": record.get("record"), "target": stage.target.to_dict()})
     if stage.objective == "kd":
-        dcfg = distill_step.DistillConfig(student=cfg, teacher=teacher.cfg, loss=stage.loss)
+        dcfg = distill_step.DistillConfig(student=cfg, teacher=teacher.cfg, loss=stage.loss,
+                                          grad_accum=stage.grad_accum)
         step_fn = distill_step.with_teacher(
             distill_step.jit_train_step(dcfg, optimizer, run.mesh), teacher.params)
         shardings = distill_step.state_shardings(dcfg, optimizer, run.mesh)
@@ -392,7 +424,7 @@ def _train_stage(run: _Run, stage: Stage, cfg: ModelConfig, child_params: model.
             return distill_step.create_state(dcfg, optimizer, run.mesh, rng=rng,
                                              model_params=child_params)
     else:
-        step_fn = train.jit_train_step(cfg, optimizer, run.mesh)
+        step_fn = train.jit_train_step(cfg, optimizer, run.mesh, grad_accum=stage.grad_accum)
         shardings = train.state_shardings(cfg, optimizer, run.mesh)
 
         def make_state() -> train.TrainState:
@@ -501,9 +533,11 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> list[dic
     results table's rows, root first."""
     workdir = os.path.abspath(config.workdir)
     stages = stages_from_config(config)
+    mesh = sharding.make_mesh(**config.mesh.to_dict())
+    for grad_accum in {1, *(stage.grad_accum for stage in stages)}:
+        sharding.check_batch_split(config.data.batch_size, mesh, grad_accum)
     claim_workdir(workdir, config)
-    run_state = _Run(config=config, workdir=workdir,
-                     mesh=sharding.make_mesh(**config.mesh.to_dict()),
+    run_state = _Run(config=config, workdir=workdir, mesh=mesh,
                      datasets=data.datasets_from_config(config.data, seed=config.seed),
                      models={}, progress=progress)
     results = [run_root(run_state)]

@@ -126,6 +126,18 @@ def sharding_tree_leaves(shardings: Any) -> list[NamedSharding]:
     return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+def check_batch_split(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    """Fail early unless every micro-batch (batch_size / grad_accum rows) splits evenly over
+    the mesh's batch shards (data × fsdp); XLA would otherwise pad or replicate silently."""
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size < 1 or batch_size % (grad_accum * ways):
+        what = (f"global batch_size={batch_size}" if grad_accum == 1 else
+                f"global batch_size={batch_size} in grad_accum={grad_accum} micro-batches")
+        raise ValueError(f"{what} does not split over the {ways} batch shards (data × fsdp) of "
+                         f"mesh {dict(mesh.shape)}; use a batch_size that is a multiple of "
+                         f"{grad_accum * ways}, or fewer data/fsdp devices")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[B, L] batches: B split over data × fsdp, L whole."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))

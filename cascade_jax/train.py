@@ -103,11 +103,58 @@ def loss_and_metrics(cfg: ModelConfig, params: model.Params, batch: Batch
     return loss, {"loss_sum": nll_sum, "loss_count": count, "correct": correct}
 
 
+def micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, L] -> [k, B/k, L], micro-batch j = rows j, j+k, ...
+
+    Strided, not contiguous: with B sharded over devices, each device's rows feed every
+    micro-batch, so splitting needs no data movement.
+    """
+    rows = batch["tokens"].shape[0]
+    if rows % k:
+        raise ValueError(f"batch of {rows} rows cannot be split into grad_accum={k} equal "
+                         f"micro-batches; use a batch size that is a multiple of {k}")
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows // k, k, *x.shape[1:]), 0, 1),
+                        batch)
+
+
+def accumulate_grads(loss_fn: Callable[[model.Params, Batch], tuple[jax.Array, Metrics]],
+                      grad_accum: int, params: model.Params, batch: Batch
+                      ) -> tuple[model.Params, Metrics]:
+    """Gradient of the token-weighted mean of `loss_fn` (a loss SUM and metric sums) over the
+    whole batch, scanning `grad_accum` micro-batches (one micro-batch's activations live at a
+    time); shared by the CE step here and the online and cached distill steps."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        grad_sums, metrics = grad_fn(params, batch)
+    else:
+        micro = micro_batches(batch, grad_accum)
+
+        def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
+            out = grad_fn(params, micro_batch)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
+                                                                             jnp.float32)),
+                             jax.eval_shape(grad_fn, params, first))
+        (grad_sums, metrics), _ = jax.lax.scan(add, zeros, micro)
+    denominator = jnp.maximum(metrics["loss_count"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, params)
+    return grads, metrics
+
+
+def _loss_sum_and_metrics(cfg: ModelConfig, params: model.Params, batch: Batch
+                          ) -> tuple[jax.Array, Metrics]:
+    """The NLL *sum* (with metric sums): what `accumulate_grads` differentiates."""
+    _, metrics = loss_and_metrics(cfg, params, batch)
+    return metrics["loss_sum"], metrics
+
+
 def train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-               batch: Batch) -> tuple[TrainState, Metrics]:
-    """One AdamW step on one global batch."""
-    grad_fn = jax.value_and_grad(functools.partial(loss_and_metrics, cfg), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch)
+               batch: Batch, grad_accum: int = 1) -> tuple[TrainState, Metrics]:
+    """One AdamW step on one global batch (scanned as `grad_accum` micro-batches)."""
+    grads, metrics = accumulate_grads(functools.partial(_loss_sum_and_metrics, cfg), grad_accum,
+                                      state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -119,12 +166,15 @@ def eval_step(cfg: ModelConfig, params: model.Params, batch: Batch) -> Metrics:
 
 
 def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   rules: Any = sharding.DEFAULT_RULES
+                   rules: Any = sharding.DEFAULT_RULES, *, grad_accum: int = 1
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step` compiled for `mesh`; the incoming state's buffers are donated."""
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r} must be a positive integer "
+                         "(1 = no accumulation)")
     state_sh = state_shardings(cfg, optimizer, mesh, rules)
-    return jax.jit(sharding.traced_on_mesh(functools.partial(train_step, cfg, optimizer),
-                                           mesh, rules),
+    step = functools.partial(train_step, cfg, optimizer, grad_accum=grad_accum)
+    return jax.jit(sharding.traced_on_mesh(step, mesh, rules),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)),
                    donate_argnums=(0,))

@@ -26,9 +26,12 @@ Our choices, not the paper's (it gives no per-stage split, batch or learning rat
 - 1T tokens (the low end) split evenly over the three stages, a global batch of 256 × 16384
   tokens (4.2M), so each stage is 79,472 steps; AdamW peak lr 1e-4 with 2,000 warmup steps and
   cosine decay to 10%.
-- bf16 matmuls with float32 master params and optimizer state; every block rematerialised.
-- The 3B's tied embeddings: pruning cannot tie an untied parent (and the PCA hidden cut unties
-  a tied one), so this config's 3B comes out untied (~0.4B more parameters than published).
+- bf16 matmuls with float32 master params and optimizer state; every block rematerialised
+  (root.model's dtype/param_dtype/remat apply to the loaded root, and children inherit them);
+  4 micro-batches per step.
+- The 3B's tied embeddings (the 8B's are untied): the 3B keeps the 8B's rotated input
+  embedding as its head too and the 8B's head is dropped; the final norm scale, which the PCA
+  cut folds into the head, returns as its diagonal in the rotated basis (prune.surgery).
 - Mesh: parameters sharded 64 ways (d_model 5120, 4096 and 3072 are all multiples of 64); data
   parallelism takes the remaining devices (data=-1).
 """
@@ -40,10 +43,11 @@ VOCAB = 131072
 TOTAL_TOKENS = 1_000_000_000_000  # the low end of the paper's 1–3T, over all stages
 SEQ_LEN = 16384                   # the paper's distillation context
 BATCH_SIZE = 256                  # global rows per step (ours)
-STAGES = {  # name -> (parent, n_layers, d_model, d_ff)
-    "ministral_14b": ("root", 40, 5120, 16384),
-    "ministral_8b": ("ministral_14b", 34, 4096, 14336),
-    "ministral_3b": ("ministral_8b", 26, 3072, 9216),
+GRAD_ACCUM = 4                    # micro-batches per step: 1 row per device on a 64-chip pod
+STAGES = {  # name -> (parent, n_layers, d_model, d_ff, tied embeddings)
+    "ministral_14b": ("root", 40, 5120, 16384, False),
+    "ministral_8b": ("ministral_14b", 34, 4096, 14336, False),
+    "ministral_3b": ("ministral_8b", 26, 3072, 9216, True),
 }
 
 
@@ -52,21 +56,22 @@ def _stage_steps() -> int:
     return TOTAL_TOKENS // len(STAGES) // (BATCH_SIZE * SEQ_LEN)
 
 
-def _target(n_layers: int, d_model: int, d_ff: int) -> ml_collections.ConfigDict:
+def _target(n_layers: int, d_model: int, d_ff: int, tied: bool) -> ml_collections.ConfigDict:
     """The child's shape; heads are kept (placeholders = None = the parent's value)."""
     return ml_collections.ConfigDict(dict(
         n_layers=n_layers, d_model=d_model, d_ff=d_ff,
-        n_heads=placeholder(int), n_kv_heads=placeholder(int)))
+        n_heads=placeholder(int), n_kv_heads=placeholder(int), tie_embeddings=tied))
 
 
-def _stage(parent: str, n_layers: int, d_model: int, d_ff: int) -> ml_collections.ConfigDict:
+def _stage(parent: str, n_layers: int, d_model: int, d_ff: int, tied: bool
+           ) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         parent=parent, teacher="root", init="pruned", objective="kd",
-        target=_target(n_layers, d_model, d_ff),
+        target=_target(n_layers, d_model, d_ff, tied),
         loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=512),
         depth_method="norm_ratio", head_method="within_group", hidden_method="pca",
         steps=_stage_steps(), optim=dict(lr=1e-4, warmup_steps=2000, min_lr_ratio=0.1),
-        calib_batches=64, baseline=False))
+        calib_batches=64, grad_accum=GRAD_ACCUM, baseline=False))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -99,8 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Stages run in stage_order (a ConfigDict iterates its keys sorted, not as written).
     config.stage_order = tuple(STAGES)
     config.stages = ml_collections.ConfigDict()
-    for name, (parent, n_layers, d_model, d_ff) in STAGES.items():
-        config.stages[name] = _stage(parent, n_layers, d_model, d_ff)
+    for name, (parent, n_layers, d_model, d_ff, tied) in STAGES.items():
+        config.stages[name] = _stage(parent, n_layers, d_model, d_ff, tied)
 
     config.log_every = 50
     config.eval_every = 2000

@@ -52,7 +52,7 @@ def _stage(target: ml_collections.ConfigDict, **fields: str) -> ml_collections.C
         depth_method="block_influence", head_method="within_group", hidden_method="channel",
         steps=TOKENS_PER_CHILD // (BATCH_SIZE * SEQ_LEN),
         optim=dict(lr=1e-4, warmup_steps=100, min_lr_ratio=0.1),
-        calib_batches=128, baseline=False)
+        calib_batches=128, grad_accum=1, baseline=False)
     stage.update(fields)
     return ml_collections.ConfigDict(stage)
 

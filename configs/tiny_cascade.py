@@ -21,12 +21,13 @@ def _stage(**fields) -> ml_collections.ConfigDict:
     stage = dict(
         parent="root", teacher="root", init="pruned", objective="kd",
         # None keeps the parent's size (placeholders, so --config...target.d_ff=512 works)
-        target={name: placeholder(int) for name in
-                ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")},
+        target={**{name: placeholder(int) for name in
+                   ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")},
+                "tie_embeddings": placeholder(bool)},
         loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=128),
         depth_method="block_influence", head_method="within_group", hidden_method="channel",
         steps=STAGE_STEPS, optim=dict(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1),
-        calib_batches=4, baseline=False)
+        calib_batches=4, grad_accum=1, baseline=False)
     for name, value in fields.items():
         if isinstance(value, dict):
             stage[name] = {**stage[name], **value}

@@ -108,15 +108,12 @@ def _checkpoint_model(directory: str) -> ModelConfig:
 
 
 def child_model(parent: ModelConfig, stage: cascade.Stage) -> ModelConfig:
-    """The child's shape as `prune.prune` makes it: the target's dims, untied when a PCA cut
-    of d_model rotates the residual of a tied parent."""
+    """The child's shape as `prune.prune` makes it (tying included: a PCA cut of d_model
+    unties unless the target asks for tied embeddings)."""
     stage.target.check(parent)
-    dims = stage.target.resolve(parent)
-    child = parent.replace(**dims)
-    if (stage.init == "pruned" and stage.hidden_method == "pca"
-            and dims["d_model"] < parent.d_model):
-        child = child.replace(tie_embeddings=False)
-    return child
+    rotates = (stage.init == "pruned" and stage.hidden_method == "pca"
+               and stage.target.resolve(parent)["d_model"] < parent.d_model)
+    return stage.target.child_config(parent, rotates)
 
 
 def planned_steps(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
@@ -135,13 +132,13 @@ def planned_steps(config: ml_collections.ConfigDict, batch_size: int, seq_len: i
         optimizer = train.make_optimizer(total_steps=stage.steps, **stage.optim)
         if stage.objective == "ce":
             steps.append((stage.name, "", aot.StepSpec("train", child, batch_size, seq_len,
-                                                       optimizer)))
+                                                       optimizer, grad_accum=stage.grad_accum)))
             continue
         teacher = stage.parent if stage.teacher == "parent" else stage.teacher
         if teacher not in models:
             models[teacher] = _checkpoint_model(teacher)
         dcfg = distill_step.DistillConfig(student=child, teacher=models[teacher],
-                                          loss=stage.loss)
+                                          loss=stage.loss, grad_accum=stage.grad_accum)
         steps.append((stage.name, teacher, aot.StepSpec("distill", child, batch_size, seq_len,
                                                         optimizer, dcfg)))
     return steps

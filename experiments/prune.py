@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import shutil
 import time
@@ -42,6 +41,7 @@ from cascade_jax import data, hf, model, prune, sharding, train
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune import importance as importance_lib
 from cascade_jax.prune import surgery
+from cascade_jax.prune.plan import PRUNABLE
 from experiments.common import quiet_logging
 
 # Files a Hugging Face directory keeps its tokenizer (and generation defaults) in.
@@ -52,7 +52,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 RECORD_FILE = "prune_record.json"
 ROTATION_FILE = "prune_rotation.npy"
-_TARGET_FIELDS = ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")
+_TARGET_FIELDS = PRUNABLE
 
 def define_flags() -> None:
     """The command line; defined only when run as a script, so that tests (and other mains) can
@@ -63,9 +63,11 @@ def define_flags() -> None:
     flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its directory); default: the "
                         "one in --hf_in.")
     config_flags.DEFINE_config_dict(
-        "target", ml_collections.ConfigDict({name: config_dict.placeholder(int)
-                                             for name in _TARGET_FIELDS}),
-        "The child's shape (--target.d_ff=16384); unset dimensions keep the parent's.")
+        "target", ml_collections.ConfigDict({
+            **{name: config_dict.placeholder(int) for name in _TARGET_FIELDS},
+            "tie_embeddings": config_dict.placeholder(bool)}),
+        "The child's shape (--target.d_ff=16384); unset dimensions keep the parent's. "
+        "--target.tie_embeddings=true ties the child's head to its embedding.")
     flags.DEFINE_enum("depth_method", "block_influence", list(surgery.DEPTH_METHODS),
                       "Which layers to keep when n_layers shrinks.")
     flags.DEFINE_enum("head_method", "within_group", list(surgery.HEAD_METHODS),
@@ -100,41 +102,24 @@ def check_request(cfg: ModelConfig, target: prune.Target, *, depth_method: str,
                   head_method: str, hidden_method: str | None) -> ModelConfig:
     """Everything knowable from config.json alone; returns the child's config.
 
-    `prune.prune` repeats these checks (and more) before touching a tensor, but only after the
-    weights are loaded and scored; this makes the common mistakes fail in a second.
+    `prune.child_config` runs the checks `prune.prune` makes before touching a tensor, but
+    from config.json alone, so the common mistakes fail in a second, before any weight loads.
     """
-    target.check(cfg)
-    for name, value, allowed in (("depth_method", depth_method, surgery.DEPTH_METHODS),
-                                 ("head_method", head_method, surgery.HEAD_METHODS),
-                                 ("hidden_method", hidden_method, (*surgery.HIDDEN_METHODS,
-                                                                   None))):
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r} is unknown; choose one of {list(allowed)}")
-    dims = target.resolve(cfg)
-    if dims["d_model"] < cfg.d_model and hidden_method is None:
-        raise ValueError(f"target d_model={dims['d_model']} < {cfg.d_model} needs a hidden "
-                         "method; pass --hidden_method=channel or pca, or leave d_model unset")
-    if dims["n_kv_heads"] < cfg.n_kv_heads and head_method != "kv_groups":
-        raise ValueError(f"target n_kv_heads={dims['n_kv_heads']} < {cfg.n_kv_heads} removes "
-                         "whole KV groups: pass --head_method=kv_groups")
-    if not target.changed(cfg):
+    child = prune.child_config(cfg, target, depth_method=depth_method,
+                               head_method=head_method, hidden_method=hidden_method)
+    if child == cfg:
         raise ValueError(f"target {target.to_dict()} removes nothing from the parent "
                          f"({cfg.n_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
                          f"{cfg.n_heads}/{cfg.n_kv_heads} heads); set a smaller --target.*")
-    untie = (hidden_method == "pca" and dims["d_model"] < cfg.d_model and cfg.tie_embeddings)
-    return cfg.replace(**dims, tie_embeddings=cfg.tie_embeddings and not untie)
+    return child
 
 
 def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any) -> None:
     """The calibration batch must split over the mesh's batch shards."""
-    ways = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     if batch_size < 1 or seq_len < 2 or calib_batches < 1:
         raise ValueError(f"need batch_size >= 1, seq_len >= 2, calib_batches >= 1; got "
                          f"{batch_size}, {seq_len}, {calib_batches}")
-    if batch_size % ways:
-        raise ValueError(f"batch_size={batch_size} does not split over the {ways} batch shards "
-                         f"of mesh {dict(mesh.shape)}; use a multiple of {ways} or a smaller "
-                         "--mesh.data / --mesh.fsdp")
+    sharding.check_batch_split(batch_size, mesh)
 
 
 def check_output(path: str, overwrite: bool, hf_in: str) -> None:

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cascade_jax import cascade, checkpoint, data, model, sharding
+from cascade_jax import cascade, checkpoint, data, hf, model, sharding
 from cascade_jax.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -241,3 +241,41 @@ def test_bad_stage_configs_are_clear_errors(corpus_dir, tmp_path):
     config.stage_order = ("child",)
     with pytest.raises(ValueError, match="stage_order"):
         cascade.stages_from_config(config)
+    config = tiny_config(corpus_dir, str(tmp_path))
+    config.stages.child.grad_accum = 0
+    with pytest.raises(ValueError, match="grad_accum=0 must be a positive integer"):
+        cascade.stages_from_config(config)
+    config = tiny_config(corpus_dir, str(tmp_path / "run"))
+    config.stages.child.grad_accum = 2  # 4-row micro-batches over 8 data shards
+    with pytest.raises(ValueError, match="batch_size=8 in grad_accum=2 micro-batches does not "
+                                         "split over the 8 batch shards"):
+        cascade.run(config, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is claimed
+
+
+def test_an_hf_root_runs_with_the_configs_runtime_settings(reference, corpus_dir, tmp_path):
+    """A root loaded from Hugging Face files takes dtype/remat from `root.model` (a bf16,
+    rematerialised 24B root must not run in float32), its children inherit them, and a stage
+    with grad_accum trains: the root's validation loss matches the float32 run to bf16
+    precision."""
+    workdir, results = reference
+    root_cfg, root_params = cascade.load_checkpoint_model(
+        os.path.join(workdir, "root", "checkpoints"), sharding.make_mesh(data=-1))
+    hf.save(root_cfg, jax.device_get(root_params), tmp_path / "hf_root")
+
+    config = tiny_config(corpus_dir, str(tmp_path / "run"))
+    config.root = ml_collections.ConfigDict(dict(
+        kind="hf", path=str(tmp_path / "hf_root"),
+        model=dict(dtype="bfloat16", remat=True, d_model=4096)))  # d_model: logged, not used
+    config.stage_order = ("child",)
+    config.stages = ml_collections.ConfigDict(dict(child=config.stages.child.to_dict()))
+    config.stages.child.grad_accum = 2
+    config.data.batch_size = 16  # micro-batches of 8 rows: one per data shard
+    hf_results = cascade.run(config, progress=False)
+
+    child = ModelConfig.from_dict(
+        checkpoint.read_metadata(str(tmp_path / "run" / "child" / "checkpoints"))["model"])
+    assert (child.dtype, child.remat, child.d_model) == ("bfloat16", True, root_cfg.d_model)
+    assert abs(hf_results[0]["validation_loss"] - results[0]["validation_loss"]) < 0.02
+    assert hf_results[0]["params"] == results[0]["params"]
+    assert np.isfinite(hf_results[1]["validation_loss"]) and hf_results[1]["tokens"] > 0

@@ -139,7 +139,7 @@ def test_target_bigger_than_parent_fails_before_any_work(parent, tmp_path, monke
     with pytest.raises(ValueError, match=r"Target d_ff=1000 exceeds the parent's d_ff=128"):
         prune_main.run(str(hf_in), str(tmp_path / "child"), calib, prune.Target(d_ff=1000),
                        mesh_sizes=MESH)
-    with pytest.raises(ValueError, match=r"d_model=32 < 64 needs a hidden method"):
+    with pytest.raises(ValueError, match=r"d_model=32 < 64 but hidden_method=None cannot prune"):
         prune_main.run(str(hf_in), str(tmp_path / "child"), calib,
                        prune.Target(d_model=32), hidden_method=None, mesh_sizes=MESH)
     with pytest.raises(ValueError, match="is the parent's own directory"):

@@ -143,7 +143,7 @@ def test_configs_of_the_published_recipes_plan_their_shapes():
     from configs import ministral3, minitron_llama31
 
     for module, want in ((ministral3, {"root": 23.57, "ministral_14b": 13.51,
-                                       "ministral_8b": 8.49, "ministral_3b": 3.83}),
+                                       "ministral_8b": 8.49, "ministral_3b": 3.43}),
                          (minitron_llama31, {"root": 8.03, "minitron_4b_width": 4.51,
                                              "minitron_4b_depth": 4.54})):
         steps = plan.planned_steps(module.get_config(), 64, 128)
@@ -152,3 +152,7 @@ def test_configs_of_the_published_recipes_plan_their_shapes():
         assert all(teacher in ("", "root") for _, teacher, _ in steps)
         assert all(math.isclose(spec.distill.loss.temperature, 1.0) for _, _, spec in steps
                    if spec.distill)
+    tied = {name: spec.student.tie_embeddings
+            for name, _, spec in plan.planned_steps(ministral3.get_config(), 64, 128)}
+    assert tied == {"root": False, "ministral_14b": False, "ministral_8b": False,
+                    "ministral_3b": True}  # the published 3B is tied, its parents are not

@@ -89,7 +89,7 @@ def test_candidate_to_dict_is_plain_data():
     d = json.loads(json.dumps(c.to_dict()))
     assert d["child_config"] == c.child_cfg.to_dict() and d["changed"] == ["d_model"]
     assert d["target"] == {"n_layers": None, "d_model": 128, "d_ff": None, "n_heads": None,
-                           "n_kv_heads": None}
+                           "n_kv_heads": None, "tie_embeddings": None}
 
 
 def test_target_checks_and_resolves():

@@ -237,6 +237,67 @@ def test_removing_silent_channels_is_exact(cfg):
                                rtol=1e-5, atol=5e-5)
 
 
+def _untied_with_head_equal_to_embedding(seed):
+    """An untied parent whose head is Eᵀ and whose final norm scale is uniform: the same
+    function as a tied model, so tying it (and a PCA cut of it) has an exact reference."""
+    params = _randomized_params(CFG, seed)
+    params["lm_head"]["kernel"] = np.array(params["embed"]["embedding"].T)
+    params["final_norm"]["scale"] = np.full(16, 1.3, np.float32)
+    return params
+
+
+def test_untying_is_exact_and_tying_a_head_equal_to_the_embedding_is_too():
+    tied = _randomized_params(TIED, seed=3)
+    untied = prune.prune(TIED, tied, _scores(TIED), prune.Target(d_ff=24, tie_embeddings=False))
+    assert not untied.cfg.tie_embeddings and untied.record.untied_embeddings
+    np.testing.assert_array_equal(untied.params["lm_head"]["kernel"],
+                                  tied["embed"]["embedding"].T)
+    same_shape_tied = prune.prune(TIED, tied, _scores(TIED), prune.Target(d_ff=24))
+    np.testing.assert_allclose(_logits(untied.cfg, untied.params),
+                               _logits(same_shape_tied.cfg, same_shape_tied.params),
+                               rtol=1e-6, atol=1e-6)
+
+    params = _untied_with_head_equal_to_embedding(seed=4)
+    silent = np.array([2, 9])  # zero channels, so the channel cut below is exact as well
+    params["embed"]["embedding"][:, silent] = 0.0
+    params["lm_head"]["kernel"][silent] = 0.0
+    for node in (params["layers"]["attn"]["wo"], params["layers"]["mlp"]["w_down"]):
+        node[..., silent] = 0.0
+    reference = _logits(CFG, params)
+    channel = np.ones(16)
+    channel[silent] = 0.0
+    for target in (prune.Target(tie_embeddings=True),
+                   prune.Target(d_model=14, tie_embeddings=True)):
+        out = prune.prune(CFG, params, _scores(CFG, channel=channel), target)
+        assert out.cfg.tie_embeddings and "lm_head" not in out.params
+        assert out.record.tied_embeddings
+        assert out.cfg.num_params() == CFG.replace(d_model=out.cfg.d_model).num_params() - (
+            CFG.vocab_size * out.cfg.d_model)
+        np.testing.assert_allclose(_logits(out.cfg, out.params), reference,
+                                   rtol=1e-5, atol=5e-5)
+
+
+def test_tying_after_a_pca_cut_restores_the_final_norm_in_the_rotated_basis():
+    """With a uniform final norm scale the diagonal rotated scale is exact, so the tied PCA
+    child computes what the untied PCA child computes (whose head holds the folded scale)."""
+    params = _untied_with_head_equal_to_embedding(seed=6)
+    scores = _scores(CFG)
+    untied = prune.prune(CFG, params, scores, prune.Target(d_model=10), hidden_method="pca")
+    tied = prune.prune(CFG, params, scores, prune.Target(d_model=10, tie_embeddings=True),
+                       hidden_method="pca")
+    assert not untied.cfg.tie_embeddings and tied.cfg.tie_embeddings
+    assert "lm_head" not in tied.params
+    np.testing.assert_allclose(_logits(tied.cfg, tied.params),
+                               _logits(untied.cfg, untied.params), rtol=1e-4, atol=1e-4)
+    # A non-uniform scale comes back as its diagonal in the rotated basis.
+    params["final_norm"]["scale"] = np.linspace(0.5, 2.0, 16).astype(np.float32)
+    tied = prune.prune(CFG, params, scores, prune.Target(d_model=10, tie_embeddings=True),
+                       hidden_method="pca")
+    q, c2 = tied.record.rotation.astype(np.float64), 10 / 16
+    np.testing.assert_allclose(tied.params["final_norm"]["scale"],
+                               (q * q).T @ np.linspace(0.5, 2.0, 16) / c2, rtol=1e-5)
+
+
 def _expected_slice(path, x, record):
     """numpy loop reference: the parent entries a pruned tensor must hold, from the record."""
     layers, heads, neurons, channels = (record.layers, record.query_heads, record.neurons,
@@ -359,6 +420,8 @@ def test_edits_check_the_tensors_they_touch(parent):
     (prune.Target(), {"depth_method": "loss"}, "depth_method='loss' is unknown"),
     (prune.Target(n_layers=3), {"depth_method": [0, 1]}, "make them agree"),
     (prune.Target(d_ff=0), {}, "positive integer"),
+    (prune.Target(tie_embeddings="yes"), {}, "tie_embeddings='yes' must be True, False"),
+    (prune.Target(tie_embeddings=True), {"opt_state": ()}, "tying changes"),
 ])
 def test_bad_targets_fail_before_touching_params(target, kwargs, match):
     # params=None: any work on the params would fail differently, so these checks come first.

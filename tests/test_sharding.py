@@ -82,3 +82,13 @@ def test_residual_stream_is_batch_sharded_not_embed_sharded_under_fsdp():
         assert batch_axes in ("fsdp", ("data", "fsdp")), (name, value.sharding.spec)
         assert d_model_axes in ((), (None,)), (name, value.sharding.spec)
         np.testing.assert_allclose(value, unconstrained[name], rtol=1e-6, atol=1e-6)
+
+
+def test_micro_batches_must_split_over_the_batch_shards():
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    sharding.check_batch_split(8, mesh, grad_accum=2)
+    with pytest.raises(ValueError, match=r"batch_size=8 in grad_accum=4 micro-batches does not "
+                                         r"split over the 4 batch shards.*multiple of 16"):
+        sharding.check_batch_split(8, mesh, grad_accum=4)
+    with pytest.raises(ValueError, match=r"global batch_size=6 does not split"):
+        sharding.check_batch_split(6, mesh)

@@ -73,9 +73,9 @@ def optimizer():
     return train.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=5)
 
 
-def _run_steps(optimizer, mesh, steps):
+def _run_steps(optimizer, mesh, steps, grad_accum=1):
     state = train.create_state(CFG, optimizer, jax.random.key(0), mesh)
-    step_fn = train.jit_train_step(CFG, optimizer, mesh)
+    step_fn = train.jit_train_step(CFG, optimizer, mesh, grad_accum=grad_accum)
     losses = []
     for i in range(steps):
         state, metrics = step_fn(state, sharding.shard_batch(_pattern_batch(i % 3), mesh))
@@ -94,6 +94,21 @@ def test_sharded_steps_equal_single_device(optimizer):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  jax.device_get(sharded.params), jax.device_get(single.params))
     assert int(sharded.step) == 5
+
+
+def test_grad_accumulation_equals_the_whole_batch_step(optimizer):
+    """4 micro-batches of 2 rows (sharded over 2 data-parallel devices) vs one step on all 8
+    rows on one device: the same token-weighted mean gradient, so the same training."""
+    whole, whole_losses = _run_steps(optimizer, sharding.make_mesh(devices=jax.devices()[:1]),
+                                     steps=3)
+    accumulated, accumulated_losses = _run_steps(
+        optimizer, sharding.make_mesh(data=2, devices=jax.devices()[:2]), steps=3, grad_accum=4)
+    np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(accumulated.params), jax.device_get(whole.params))
+    with pytest.raises(ValueError, match="grad_accum=0 must be a positive integer"):
+        train.jit_train_step(CFG, optimizer, sharding.make_mesh(devices=jax.devices()[:1]),
+                             grad_accum=0)
 
 
 def test_fit_loss_falls_and_writes_metrics(optimizer, tmp_path):

@@ -24,7 +24,7 @@ Offline distillation: `train_step_cached(dcfg, optimizer, state, batch)` and
 `jit_train_step_cached` take no teacher at all; each batch carries the teacher's sparse targets
 (`teacher_idx`, `teacher_logprobs` [B, L, k], from `logits_cache.cache_dataset`) and the
 student is trained against them with the fused `losses.sparse_distill_loss`. Both steps share
-gradient accumulation (`_accumulate_grads`) and the update (`_apply_grads`).
+gradient accumulation (`train.accumulate_grads`) and the update (`_apply_grads`).
 
 Student params are the model's param tree, or `{'model': <tree>, 'proj': [D, T]}` when hidden
 distillation needs a projection (`student_model_params` returns the model part either way).
@@ -297,45 +297,6 @@ def loss_sum_and_metrics(dcfg: DistillConfig, params: model.Params, teacher_para
     return objective, metrics
 
 
-def _micro_batches(batch: Batch, k: int) -> Batch:
-    """[B, L] -> [k, B/k, L], micro-batch j = rows j, j+k, ...
-
-    Strided, not contiguous: with B sharded over devices, each device's rows feed every
-    micro-batch, so splitting needs no data movement.
-    """
-    rows = batch["tokens"].shape[0]
-    if rows % k:
-        raise ValueError(f"batch of {rows} rows cannot be split into grad_accum={k} equal "
-                         f"micro-batches; use a batch size that is a multiple of {k}")
-    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows // k, k, *x.shape[1:]), 0, 1),
-                        batch)
-
-
-def _accumulate_grads(loss_fn: Callable[[model.Params, Batch], tuple[jax.Array, Metrics]],
-                      grad_accum: int, params: model.Params, batch: Batch
-                      ) -> tuple[model.Params, Metrics]:
-    """Gradient of the token-weighted mean of `loss_fn` (a loss SUM and metric sums) over the
-    whole batch, scanning `grad_accum` micro-batches; shared by the online and cached steps."""
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-    if grad_accum == 1:
-        grad_sums, metrics = grad_fn(params, batch)
-    else:
-        micro = _micro_batches(batch, grad_accum)
-
-        def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
-            out = grad_fn(params, micro_batch)
-            return jax.tree.map(jnp.add, acc, out), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
-                                                                             jnp.float32)),
-                             jax.eval_shape(grad_fn, params, first))
-        (grad_sums, metrics), _ = jax.lax.scan(add, zeros, micro)
-    denominator = jnp.maximum(metrics["loss_count"], 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, params)
-    return grads, metrics
-
-
 def compute_grads(dcfg: DistillConfig, params: model.Params, teacher_params: model.Params,
                   batch: Batch) -> tuple[model.Params, Metrics]:
     """Gradient of the token-weighted mean loss over the whole batch, and summed metrics.
@@ -346,7 +307,7 @@ def compute_grads(dcfg: DistillConfig, params: model.Params, teacher_params: mod
     def loss_fn(params: model.Params, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
         return loss_sum_and_metrics(dcfg, params, teacher_params, micro_batch)
 
-    return _accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
+    return train.accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
 
 
 # -------------------------------------------------------------------------------- the step
@@ -442,7 +403,7 @@ def compute_grads_cached(dcfg: DistillConfig, params: model.Params, batch: Batch
                          mode: str = "topk") -> tuple[model.Params, Metrics]:
     """`compute_grads` (same accumulation over `dcfg.grad_accum`) with cached targets."""
     loss_fn = functools.partial(cached_loss_sum_and_metrics, dcfg, mode=mode)
-    return _accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
+    return train.accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
 
 
 def train_step_cached(dcfg: DistillConfig, optimizer: optax.GradientTransformation,

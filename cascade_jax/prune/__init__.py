@@ -4,6 +4,7 @@
     out = prune.prune(cfg, params, scores, prune.Target(n_layers=30, d_ff=14336))
     out.cfg, out.params, out.record          # out.opt_state when opt_state= was given
     prune.plan(cfg, n_params=8_000_000_000)  # ranked targets that fit a parameter budget
+    prune.child_config(cfg, target)          # the child's config, checked, before any work
 """
 
 from cascade_jax.prune.importance import Importance, estimate_importance
@@ -12,6 +13,7 @@ from cascade_jax.prune.surgery import (
     Pruned,
     PruneRecord,
     Take,
+    child_config,
     keep_channels,
     keep_kv_groups,
     keep_layers,
@@ -37,6 +39,7 @@ __all__ = [
     "Pruned",
     "Take",
     "Target",
+    "child_config",
     "estimate_importance",
     "keep_channels",
     "keep_kv_groups",

@@ -46,9 +46,23 @@ class Target:
     d_ff: int | None = None
     n_heads: int | None = None
     n_kv_heads: int | None = None
+    # True ties the child's output head to its input embedding (Ministral 3's 3B is tied,
+    # its 8B parent is not); False unties it. None: as the parent, except that a PCA cut of
+    # d_model unties (see `prune.surgery`).
+    tie_embeddings: bool | None = None
 
-    def to_dict(self) -> dict[str, int | None]:
+    def to_dict(self) -> dict[str, int | bool | None]:
         return dataclasses.asdict(self)
+
+    def child_tie(self, cfg: ModelConfig, rotates_hidden: bool = False) -> bool:
+        """Whether the child's embeddings are tied (see `tie_embeddings`)."""
+        if self.tie_embeddings is not None:
+            return self.tie_embeddings
+        return cfg.tie_embeddings and not rotates_hidden
+
+    def child_config(self, cfg: ModelConfig, rotates_hidden: bool = False) -> ModelConfig:
+        """The child's config, before any params exist (sizing, planning, random init)."""
+        return cfg.replace(**self.resolve(cfg), tie_embeddings=self.child_tie(cfg, rotates_hidden))
 
     def resolve(self, cfg: ModelConfig) -> dict[str, int]:
         """Every prunable dimension, with None replaced by `cfg`'s value."""
@@ -57,6 +71,9 @@ class Target:
 
     def check(self, cfg: ModelConfig) -> None:
         """Raise ValueError unless every set dimension is a positive int no larger than `cfg`'s."""
+        if self.tie_embeddings not in (None, True, False):
+            raise ValueError(f"Target tie_embeddings={self.tie_embeddings!r} must be True, "
+                             "False or None (None keeps the parent's)")
         for name in PRUNABLE:
             value = getattr(self, name)
             if value is None:

@@ -25,7 +25,13 @@ Hidden dimension, two methods:
   first d_model' columns of Q. With unit norm scales RMSNorm(x Q) = RMSNorm(x) Q exactly, so a
   full-width rotation is the parent to float rounding. Folding the final norm into the head
   breaks tied embeddings (the embedding wants E Q, the head Qᵀ diag(s) Eᵀ), so a tied parent
-  gets an untied child (`tie_embeddings=False`, + vocab·d_model' params; recorded).
+  gets an untied child (`tie_embeddings=False`, + vocab·d_model' params; recorded) unless the
+  target asks for tied embeddings: then the head is dropped and s returns as the final norm
+  scale diag(Qᵀ diag(s) Q) (exact for a uniform s).
+
+Tying (`Target(tie_embeddings=True)` on an untied parent, Ministral 3's 8B → tied 3B) keeps the
+input embedding as the head and drops the parent's head: exact only when that head was Eᵀ,
+otherwise a starting point that distillation repairs. Untying copies Eᵀ into a new head: exact.
   Adam state cannot follow a rotation (nu is elementwise squared gradients, not equivariant),
   so `prune` refuses `opt_state` with 'pca': start the child's optimizer fresh.
 
@@ -205,6 +211,33 @@ def _scale_residual(flat: Flat, lay: Layout, c: float, tied: bool) -> Flat:
         div = c * c if tied and path == _FINAL_NORM else c
         out[path] = (flat[path].astype(jnp.float32) / div).astype(flat[path].dtype)
     return out
+
+
+def _retie(flat: Flat, tied: bool) -> Flat:
+    """Make the head match `tied`. Untying starts the head as Eᵀ (exact); tying keeps the
+    input embedding as the head too and drops the parent's head (an approximation that
+    distillation repairs, exact when the parent's head was Eᵀ)."""
+    flat = dict(flat)
+    if tied:
+        flat.pop(_LM_HEAD, None)
+    elif _LM_HEAD not in flat:
+        flat[_LM_HEAD] = flat[_EMBEDDING].T
+    return flat
+
+
+def _tie_rotated(flat: Flat, final_scale_D: Any, q_DC: np.ndarray, c: float) -> Flat:
+    """Tie after a PCA rotation, which folded the final norm scale s into the head.
+
+    The rotated embedding c·E·Q becomes the head again, so s must come back as a norm scale
+    in the rotated basis: diag(Qᵀ diag(s) Q), the closest diagonal to the rotated scale
+    (exact when s is uniform), divided by c² like any tied final norm (module doc).
+    """
+    s = _float64(final_scale_D)
+    q = _float64(q_DC)
+    scale_C = (q * q).T @ s / (c * c)
+    flat = _retie(flat, tied=True)
+    flat[_FINAL_NORM] = jnp.asarray(scale_C, flat[_FINAL_NORM].dtype)
+    return flat
 
 
 # ---------------------------------------------------------------------------- indices
@@ -445,6 +478,7 @@ class PruneRecord:
     rotation: np.ndarray | None = None
     residual_scale: float = 1.0
     untied_embeddings: bool = False
+    tied_embeddings: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable; the rotation is summarised (save `arrays()` alongside)."""
@@ -514,10 +548,9 @@ class _Resolved:
     explicit_layers: np.ndarray | None
 
 
-def _resolve(cfg: ModelConfig, importance: Any, target: Target, depth_method: Any,
-             head_method: str, hidden_method: str | None, opt_state: Any, optimizer: Any
-             ) -> _Resolved:
-    """Every check `prune` makes before touching params."""
+def _child_shape(cfg: ModelConfig, target: Target, depth_method: Any, head_method: str,
+                 hidden_method: str | None) -> _Resolved:
+    """The checks that need only the configs, and the child they imply."""
     if not isinstance(target, Target):
         raise TypeError(f"target must be a prune.Target, got {type(target).__name__}")
     target.check(cfg)
@@ -541,6 +574,28 @@ def _resolve(cfg: ModelConfig, importance: Any, target: Target, depth_method: An
         raise ValueError(f"Target d_model={dims['d_model']} < {cfg.d_model} but "
                          "hidden_method=None cannot prune the hidden dimension; pass "
                          "hidden_method='channel' or 'pca', or leave d_model=None")
+    rotates = shrink_hidden and hidden_method == "pca"
+    child = cfg.replace(**dims, tie_embeddings=target.child_tie(cfg, rotates))
+    return _Resolved(child, dims, explicit)
+
+
+def child_config(cfg: ModelConfig, target: Target, *,
+                 depth_method: str | Sequence[int] = "block_influence",
+                 head_method: str = "within_group", hidden_method: str | None = "channel"
+                 ) -> ModelConfig:
+    """The config `prune` would return for these arguments, from the configs alone: every
+    check on the target and methods runs, no params or scores needed (fail fast before
+    loading a checkpoint)."""
+    return _child_shape(cfg, target, depth_method, head_method, hidden_method).child
+
+
+def _resolve(cfg: ModelConfig, importance: Any, target: Target, depth_method: Any,
+             head_method: str, hidden_method: str | None, opt_state: Any, optimizer: Any
+             ) -> _Resolved:
+    """Every check `prune` makes before touching params."""
+    shape = _child_shape(cfg, target, depth_method, head_method, hidden_method)
+    dims, child, explicit = shape.dims, shape.child, shape.explicit_layers
+    shrink_hidden = dims["d_model"] < cfg.d_model
     scored = [name for name in ("n_heads", "d_ff", "d_model") if dims[name] < getattr(cfg, name)]
     if dims["n_layers"] < cfg.n_layers and explicit is None:
         scored.append("n_layers")
@@ -557,8 +612,11 @@ def _resolve(cfg: ModelConfig, importance: Any, target: Target, depth_method: An
                          "(squared gradients) does not rotate with the params. Prune without "
                          "opt_state and initialise the child's optimizer, or use "
                          "hidden_method='channel'")
-    untie = shrink_hidden and hidden_method == "pca" and cfg.tie_embeddings
-    child = cfg.replace(**dims, tie_embeddings=cfg.tie_embeddings and not untie)
+    if opt_state is not None and child.tie_embeddings != cfg.tie_embeddings:
+        raise ValueError(f"tying changes (tie_embeddings {cfg.tie_embeddings} → "
+                         f"{child.tie_embeddings}), so the LM head's optimizer state has no "
+                         "counterpart; prune without opt_state and initialise the child's "
+                         "optimizer")
     return _Resolved(child, dims, explicit)
 
 
@@ -634,7 +692,8 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
                          methods={"depth_method": depth_method if res.explicit_layers is None
                                   else "explicit", "head_method": head_method,
                                   "hidden_method": hidden_method},
-                         untied_embeddings=cfg.tie_embeddings and not child.tie_embeddings)
+                         untied_embeddings=cfg.tie_embeddings and not child.tie_embeddings,
+                         tied_embeddings=child.tie_embeddings and not cfg.tie_embeddings)
     edits: list[Take] = []
     rows = np.arange(cfg.n_layers)
     if dims["n_layers"] < cfg.n_layers:
@@ -666,13 +725,19 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
 
     lay = layout(cfg)
     flat = _apply(_flatten(params), lay, edits)
+    rotates = shrink_hidden and hidden_method == "pca"
+    if not rotates:
+        flat = _retie(flat, child.tie_embeddings)
     if shrink_hidden and hidden_method == "channel":
         record.residual_scale = math.sqrt(dims["d_model"] / cfg.d_model)
-        flat = _scale_residual(flat, lay, record.residual_scale, cfg.tie_embeddings)
-    if shrink_hidden and hidden_method == "pca":
+        flat = _scale_residual(flat, lay, record.residual_scale, child.tie_embeddings)
+    if rotates:
         q = pca_rotation(importance.residual_cov, dims["d_model"])
         record.rotation, record.residual_scale = q, math.sqrt(dims["d_model"] / cfg.d_model)
+        final_scale = flat[_FINAL_NORM]
         flat = _pca_flat(cfg, flat, q)
+        if child.tie_embeddings:
+            flat = _tie_rotated(flat, final_scale, q, record.residual_scale)
     child_params = _finish(child, flat)
 
     child_opt = None
