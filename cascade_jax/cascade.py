@@ -256,7 +256,7 @@ def _result(stage: str, cfg: ModelConfig, tokens: int, wall_s: float, directory:
 
 # How a loaded root is *run* (not its shape): taken from `config.root.model` when it sets them,
 # so a bf16, rematerialised 24B root is not run in the file's float32 without remat.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk")
 
 
 def with_runtime_settings(cfg: ModelConfig, root: ml_collections.ConfigDict) -> ModelConfig:

@@ -51,6 +51,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_unroll: bool = False  # unroll the layer scan: faster steps, compile time grows with N
+    # Queries per attention block (None: all at once). The float32 scores are [B, K, L, G, L];
+    # in blocks of c queries only [B, K, c, G, L] is live, recomputed in the backward pass:
+    # what makes 16k-token distillation fit (see experiments.plan). Must divide the length.
+    attention_chunk: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -74,6 +78,11 @@ class ModelConfig:
                              "Mistral Small 3.1 uses 1e9)")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps!r} must be > 0 (typically 1e-5 or 1e-6)")
+        if self.attention_chunk is not None and (
+                not isinstance(self.attention_chunk, int) or isinstance(self.attention_chunk, bool)
+                or self.attention_chunk < 1):
+            raise ValueError(f"attention_chunk={self.attention_chunk!r} must be None (all "
+                             "queries at once) or a positive number of queries, e.g. 1024")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window!r} must be None (full "
                              "causal attention) or a positive number of tokens")

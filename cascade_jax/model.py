@@ -120,6 +120,40 @@ def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
     return idx_BL - start_BL
 
 
+def attend(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array, mask_BLM: jax.Array
+           ) -> jax.Array:
+    """softmax(q kᵀ / sqrt(E), masked) v for every query head; scores and softmax in float32."""
+    scores_BKLGM = jnp.einsum("BLKGE,BMKE->BKLGM", q_BLKGE, k_BMKE,
+                              preferred_element_type=jnp.float32) * (q_BLKGE.shape[-1] ** -0.5)
+    # L next to G: each (B, K) is one [L*G, E] x [E, M] matmul (measured faster than
+    # BKGLM on XLA:CPU, fwd+bwd).
+    scores_BKLGM = jnp.where(mask_BLM[:, None, :, None, :], scores_BKLGM,
+                             jnp.finfo(jnp.float32).min)
+    probs_BKLGM = jax.nn.softmax(scores_BKLGM, axis=-1).astype(v_BMKE.dtype)
+    return jnp.einsum("BKLGM,BMKE->BLKGE", probs_BKLGM, v_BMKE)
+
+
+def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
+                     mask_BLM: jax.Array, chunk: int) -> jax.Array:
+    """`attend`, `chunk` queries at a time: the same softmax over all keys per query, so the
+    same result, with only one block's [B, K, chunk, G, M] scores live. Each block is
+    rematerialised in the backward pass (a checkpointed `lax.map`)."""
+    batch, length = q_BLKGE.shape[:2]
+    if length % chunk:
+        raise ValueError(f"attention_chunk={chunk} does not divide the sequence length "
+                         f"{length}; choose a divisor of {length} (or None)")
+    blocks = length // chunk
+    q_nBcKGE = jnp.swapaxes(q_BLKGE.reshape(batch, blocks, chunk, *q_BLKGE.shape[2:]), 0, 1)
+    mask_nBcM = jnp.swapaxes(mask_BLM.reshape(batch, blocks, chunk, -1), 0, 1)
+
+    @jax.checkpoint
+    def block(q_and_mask: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return attend(q_and_mask[0], k_BMKE, v_BMKE, q_and_mask[1])
+
+    out_nBcKGE = jax.lax.map(block, (q_nBcKGE, mask_nBcM))
+    return jnp.swapaxes(out_nBcKGE, 0, 1).reshape(q_BLKGE.shape[:-1] + v_BMKE.shape[-1:])
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention; softmax in float32."""
 
@@ -146,14 +180,10 @@ class Attention(nn.Module):
 
         batch, length = x_BLD.shape[:2]
         q_BLKGE = q_BLHE.reshape(batch, length, k, cfg.n_groups, e)
-        # L next to G: each (B, K) is one [L*G, E] x [E, M] matmul (measured faster than
-        # BKGLM on XLA:CPU, fwd+bwd).
-        scores_BKLGM = jnp.einsum("BLKGE,BMKE->BKLGM", q_BLKGE, k_BMKE,
-                                  preferred_element_type=jnp.float32) * (e ** -0.5)
-        scores_BKLGM = jnp.where(mask_BLM[:, None, :, None, :], scores_BKLGM,
-                                 jnp.finfo(jnp.float32).min)
-        probs_BKLGM = jax.nn.softmax(scores_BKLGM, axis=-1).astype(dt)
-        out_BLKGE = jnp.einsum("BKLGM,BMKE->BLKGE", probs_BKLGM, v_BMKE)
+        if cfg.attention_chunk is None or cfg.attention_chunk >= length:
+            out_BLKGE = attend(q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
+        else:
+            out_BLKGE = attend_in_chunks(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.attention_chunk)
         heads_BLHE = out_BLKGE.reshape(batch, length, h, e)
         self.sow("intermediates", "attn_heads", heads_BLHE)
         return _dense(heads_BLHE.reshape(batch, length, h * e), wo_HED.reshape(h * e, d).astype(dt))

@@ -28,7 +28,8 @@ Our choices, not the paper's (it gives no per-stage split, batch or learning rat
   cosine decay to 10%.
 - bf16 matmuls with float32 master params and optimizer state; every block rematerialised
   (root.model's dtype/param_dtype/remat apply to the loaded root, and children inherit them);
-  4 micro-batches per step.
+  4 micro-batches per step; attention in blocks of 2048 queries (the whole 16k × 16k float32
+  score matrix would be ~34 GiB per row).
 - The 3B's tied embeddings (the 8B's are untied): the 3B keeps the 8B's rotated input
   embedding as its head too and the 8B's head is dropped; the final norm scale, which the PCA
   cut folds into the head, returns as its diagonal in the rotated basis (prune.surgery).
@@ -44,6 +45,7 @@ TOTAL_TOKENS = 1_000_000_000_000  # the low end of the paper's 1–3T, over all 
 SEQ_LEN = 16384                   # the paper's distillation context
 BATCH_SIZE = 256                  # global rows per step (ours)
 GRAD_ACCUM = 4                    # micro-batches per step: 1 row per device on a 64-chip pod
+ATTENTION_CHUNK = 2048            # queries per attention block: [.., 2048, .., 16384] scores
 STAGES = {  # name -> (parent, n_layers, d_model, d_ff, tied embeddings)
     "ministral_14b": ("root", 40, 5120, 16384, False),
     "ministral_8b": ("ministral_14b", 34, 4096, 14336, False),
@@ -88,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
         model=dict(vocab_size=VOCAB, d_model=5120, n_layers=40, n_heads=32, n_kv_heads=8,
                    head_dim=128, d_ff=32768, rope_theta=1e9, norm_eps=1e-5,
                    tie_embeddings=False, max_seq_len=SEQ_LEN, dtype="bfloat16",
-                   param_dtype="float32", remat=True),
+                   param_dtype="float32", remat=True, attention_chunk=ATTENTION_CHUNK),
     ))
 
     config.data = ml_collections.ConfigDict(dict(
