@@ -18,7 +18,8 @@ Layout of a cache directory (zarr v3, uncompressed, one array per field):
     tokens, segment_ids, positions   [n_rows, seq_len]     int32  the batches, as fed to it
     teacher_idx                      [n_rows, seq_len, k]  int32
     teacher_logprobs                 [n_rows, seq_len, k]  float32 or bfloat16
-    hosts/<i>.json                   what host i wrote (its batch count, its tokens' checksum)
+    hosts/<i>.json                   what host i wrote (its batch count, its tokens' checksum);
+                                     deleted once host 0 has committed
     metadata.json                    teacher config, mode, k, T, shapes, fingerprint, complete
 
 The cached batches are self-contained: the distill step reads tokens and targets from here.
@@ -441,6 +442,9 @@ def _commit(info: CacheInfo, n_batches: int, process_count: int, kv: ts.KvStore,
     content = _fingerprint(info.fingerprint, tokens)
     info = dataclasses.replace(info, n_rows=n_rows, fingerprint=content, complete=True)
     _write_json(kv, METADATA, info.to_json())
+    # Consumed: left behind, they would vouch for a host that dies while this cache is
+    # overwritten with the same settings (the same run fingerprint).
+    kv.delete_range(ts.KvStore.KeyRange("hosts/", "hosts0")).result()
     return info
 
 

@@ -195,6 +195,11 @@ def test_simulated_hosts_write_disjoint_rows_and_host_0_commits(teacher, full_ca
     np.testing.assert_array_equal(rows["teacher_idx"], reference["teacher_idx"])
     np.testing.assert_allclose(rows["teacher_logprobs"], reference["teacher_logprobs"],
                                rtol=1e-6, atol=1e-6)
+    # Overwritten with the same settings while host 1 dies: its report from the run above
+    # must not vouch for it.
+    with pytest.raises(ValueError, match="host 1 of 2 did not finish writing its rows"):
+        _write(path, teacher, batches=per_host[0], process_index=0, process_count=2,
+               overwrite=True)
 
 
 def test_host_0_refuses_to_commit_without_every_host(teacher, tmp_path):

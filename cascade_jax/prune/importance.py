@@ -50,7 +50,6 @@ import functools
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
@@ -61,7 +60,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from cascade_jax import model, sharding
+from cascade_jax import files, model, sharding
 from cascade_jax.config import ModelConfig
 
 Stats = dict[str, Any]
@@ -148,17 +147,8 @@ class Importance:
         meta = json.dumps({"format": _FORMAT, "model_config": self.model_config,
                            "method": self.method})
         arrays[_META_KEY] = np.array(meta)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".importance-", suffix=".npz.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        files.atomic_write(os.path.abspath(path), lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], cfg: ModelConfig | None = None) -> Self:
