@@ -42,9 +42,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `data × fsdp × tensor` mesh; one size may be -1 to take all remaining devices."""
+    """A `data × fsdp × tensor` mesh; one size may be -1 to take all remaining devices.
+
+    The default is pure data parallelism over every device (`make_mesh()` works anywhere);
+    set `data` explicitly when another axis should take the remainder.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     fill = [name for name, size in sizes.items() if size == -1]

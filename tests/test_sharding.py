@@ -25,6 +25,9 @@ def test_make_mesh_fills_one_axis_and_rejects_bad_sizes():
         sharding.make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="8 is not a multiple of 3"):
         sharding.make_mesh(data=-1, tensor=3)
+    assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+        sharding.make_mesh(fsdp=-1)  # the default data=-1 must then be given explicitly
 
 
 def test_sharded_init_and_forward_equal_single_device():
