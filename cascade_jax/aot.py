@@ -70,7 +70,9 @@ class StepSpec:
     seq_len: int
     optimizer: optax.GradientTransformation | None = None
     distill: distill_step.DistillConfig | None = None
-    grad_accum: int = 1  # kind 'train' only ('distill' takes `distill.grad_accum`)
+    # Micro-batches of 'train' (grad_accum) and 'forward' (eval micro_batches); 'distill'
+    # takes `distill.grad_accum`.
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
@@ -112,10 +114,10 @@ class Cost:
 # ----------------------------------------------------------------------- abstract arguments
 
 
-def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, grad_accum: int = 1
+def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, micro_batches: int = 1
                    ) -> dict[str, jax.ShapeDtypeStruct]:
     """The [B, L] int32 batch contract, split over data × fsdp like a real batch."""
-    sharding.check_batch_split(batch_size, mesh, grad_accum)
+    sharding.check_batch_split(batch_size, mesh, micro_batches)
     where = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=where)
             for k in BATCH_KEYS}
@@ -149,18 +151,18 @@ def shard_bytes(tree: Any) -> int:
 
 def step_and_args(spec: StepSpec, mesh: Mesh) -> tuple[Any, tuple[Any, ...]]:
     """(the jitted step exactly as training runs it, its abstract arguments)."""
-    grad_accum = spec.distill.grad_accum if spec.kind == "distill" else spec.grad_accum
-    batch = abstract_batch(mesh, spec.batch_size, spec.seq_len, grad_accum)
+    micro = spec.distill.grad_accum if spec.kind == "distill" else spec.micro_batches
+    batch = abstract_batch(mesh, spec.batch_size, spec.seq_len, micro)
     if spec.kind == "train":
         return (train.jit_train_step(spec.student, spec.optimizer, mesh,
-                                     grad_accum=spec.grad_accum),
+                                     grad_accum=spec.micro_batches),
                 (abstract_train_state(spec.student, spec.optimizer, mesh), batch))
     if spec.kind == "distill":
         dcfg = spec.distill
         return (distill_step.jit_train_step(dcfg, spec.optimizer, mesh),
                 (abstract_distill_state(dcfg, spec.optimizer, mesh),
                  abstract_params(dcfg.teacher, mesh), batch))
-    return (train.jit_eval_step(spec.student, mesh),
+    return (train.jit_eval_step(spec.student, mesh, micro_batches=spec.micro_batches),
             (abstract_params(spec.student, mesh), batch))
 
 
@@ -217,7 +219,7 @@ def counting_variant(spec: StepSpec, depths: Mapping[str, int]) -> StepSpec:
                                                                     or 1))
         out = dataclasses.replace(out, distill=dataclasses.replace(out.distill, loss=loss,
                                                                    grad_accum=1))
-    return dataclasses.replace(out, grad_accum=1)
+    return dataclasses.replace(out, micro_batches=1)
 
 
 def exact_flops(spec: StepSpec, mesh: Mesh,

@@ -210,7 +210,8 @@ class _Run:
             cfg, self.mesh, lambda: iter(self.datasets.validation),
             max_batches=self.config.eval_batches or None,
             teacher_cfg=None if teacher is None else teacher.cfg,
-            teacher_params=None if teacher is None else teacher.params)
+            teacher_params=None if teacher is None else teacher.params,
+            micro_batches=self.config.get("eval_micro_batches", 1))
 
     def fit(self, directory: str, *, step_fn: Any, abstract_state: Any, make_state: Any,
             steps: int, evaluate_fn: Any, metadata: dict[str, Any], save_initial: bool
@@ -534,8 +535,8 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> list[dic
     workdir = os.path.abspath(config.workdir)
     stages = stages_from_config(config)
     mesh = sharding.make_mesh(**config.mesh.to_dict())
-    for grad_accum in {1, *(stage.grad_accum for stage in stages)}:
-        sharding.check_batch_split(config.data.batch_size, mesh, grad_accum)
+    for micro in {1, config.get("eval_micro_batches", 1), *(s.grad_accum for s in stages)}:
+        sharding.check_batch_split(config.data.batch_size, mesh, micro)
     claim_workdir(workdir, config)
     run_state = _Run(config=config, workdir=workdir, mesh=mesh,
                      datasets=data.datasets_from_config(config.data, seed=config.seed),

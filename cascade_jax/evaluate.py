@@ -46,11 +46,16 @@ def teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, params: mode
 
 
 def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Mesh,
-                            rules: Any = sharding.DEFAULT_RULES
+                            rules: Any = sharding.DEFAULT_RULES, *, micro_batches: int = 1
                             ) -> Callable[[model.Params, model.Params, Batch], Metrics]:
-    """`teacher_metric_sums` compiled for `mesh`: `(params, teacher_params, batch) -> sums`."""
-    return jax.jit(sharding.traced_on_mesh(
-                       functools.partial(teacher_metric_sums, cfg, teacher_cfg), mesh, rules),
+    """`teacher_metric_sums` compiled for `mesh`: `(params, teacher_params, batch) -> sums`,
+    the batch scanned as `micro_batches`."""
+    def sums(params: model.Params, teacher_params: model.Params, batch: Batch) -> Metrics:
+        return train.sum_over_micro_batches(
+            functools.partial(teacher_metric_sums, cfg, teacher_cfg, params, teacher_params),
+            micro_batches, batch)
+
+    return jax.jit(sharding.traced_on_mesh(sums, mesh, rules),
                    in_shardings=(sharding.param_shardings(cfg, mesh, rules),
                                  sharding.param_shardings(teacher_cfg, mesh, rules),
                                  sharding.batch_sharding(mesh)),
@@ -59,17 +64,19 @@ def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Me
 
 def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
               *, max_batches: int | None = None, teacher_cfg: ModelConfig | None = None,
-              teacher_params: model.Params | None = None
+              teacher_params: model.Params | None = None, micro_batches: int = 1
               ) -> Callable[[model.Params], dict[str, float]]:
     """`params -> {loss, perplexity, tokens, [accuracy | kl, agree]}` over a fresh pass of
     `batches()` (the validation split): what `train.fit` calls every `eval_every` steps.
 
     With a teacher, the figures include forward KL to it and top-1 agreement with it.
+    `micro_batches` splits each batch (scanned) when its activations would not fit at once.
     """
     if teacher_cfg is None:
-        step = train.jit_eval_step(cfg, mesh)
+        step = train.jit_eval_step(cfg, mesh, micro_batches=micro_batches)
     else:
-        with_teacher = jit_teacher_metric_sums(cfg, teacher_cfg, mesh)
+        with_teacher = jit_teacher_metric_sums(cfg, teacher_cfg, mesh,
+                                               micro_batches=micro_batches)
 
         def step(params: model.Params, batch: Batch) -> Metrics:
             return with_teacher(params, teacher_params, batch)

@@ -111,10 +111,27 @@ def micro_batches(batch: Batch, k: int) -> Batch:
     """
     rows = batch["tokens"].shape[0]
     if rows % k:
-        raise ValueError(f"batch of {rows} rows cannot be split into grad_accum={k} equal "
-                         f"micro-batches; use a batch size that is a multiple of {k}")
+        raise ValueError(f"batch of {rows} rows cannot be split into {k} equal micro-batches "
+                         f"(grad_accum / micro_batches={k}); use a batch size that is a "
+                         f"multiple of {k}")
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(rows // k, k, *x.shape[1:]), 0, 1),
                         batch)
+
+
+def sum_over_micro_batches(fn: Callable[[Batch], Any], k: int, batch: Batch) -> Any:
+    """Σ `fn(micro-batch)` over `k` strided micro-batches, scanned so one micro-batch's
+    activations live at a time; sums in float32 (at least). `k = 1` is `fn(batch)`."""
+    if k == 1:
+        return fn(batch)
+    micro = micro_batches(batch, k)
+
+    def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, acc, fn(micro_batch)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+                         jax.eval_shape(fn, first))
+    return jax.lax.scan(add, zeros, micro)[0]
 
 
 def accumulate_grads(loss_fn: Callable[[model.Params, Batch], tuple[jax.Array, Metrics]],
@@ -124,20 +141,8 @@ def accumulate_grads(loss_fn: Callable[[model.Params, Batch], tuple[jax.Array, M
     whole batch, scanning `grad_accum` micro-batches (one micro-batch's activations live at a
     time); shared by the CE step here and the online and cached distill steps."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
-    if grad_accum == 1:
-        grad_sums, metrics = grad_fn(params, batch)
-    else:
-        micro = micro_batches(batch, grad_accum)
-
-        def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
-            out = grad_fn(params, micro_batch)
-            return jax.tree.map(jnp.add, acc, out), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
-                                                                             jnp.float32)),
-                             jax.eval_shape(grad_fn, params, first))
-        (grad_sums, metrics), _ = jax.lax.scan(add, zeros, micro)
+    grad_sums, metrics = sum_over_micro_batches(functools.partial(grad_fn, params), grad_accum,
+                                                batch)
     denominator = jnp.maximum(metrics["loss_count"], 1.0)
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, params)
     return grads, metrics
@@ -161,17 +166,18 @@ def train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(cfg: ModelConfig, params: model.Params, batch: Batch) -> Metrics:
-    return loss_and_metrics(cfg, params, batch)[1]
+def eval_step(cfg: ModelConfig, params: model.Params, batch: Batch,
+              micro_batches: int = 1) -> Metrics:
+    """Metric sums over the batch (scanned as `micro_batches` when memory asks for it)."""
+    return sum_over_micro_batches(lambda b: loss_and_metrics(cfg, params, b)[1], micro_batches,
+                                  batch)
 
 
 def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                    rules: Any = sharding.DEFAULT_RULES, *, grad_accum: int = 1
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`train_step` compiled for `mesh`; the incoming state's buffers are donated."""
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum={grad_accum!r} must be a positive integer "
-                         "(1 = no accumulation)")
+    _check_positive("grad_accum", grad_accum)
     state_sh = state_shardings(cfg, optimizer, mesh, rules)
     step = functools.partial(train_step, cfg, optimizer, grad_accum=grad_accum)
     return jax.jit(sharding.traced_on_mesh(step, mesh, rules),
@@ -180,9 +186,17 @@ def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, me
                    donate_argnums=(0,))
 
 
-def jit_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Any = sharding.DEFAULT_RULES
-                  ) -> Callable[[model.Params, Batch], Metrics]:
-    return jax.jit(sharding.traced_on_mesh(functools.partial(eval_step, cfg), mesh, rules),
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer (1 = the whole batch "
+                         "at once)")
+
+
+def jit_eval_step(cfg: ModelConfig, mesh: Mesh, rules: Any = sharding.DEFAULT_RULES, *,
+                  micro_batches: int = 1) -> Callable[[model.Params, Batch], Metrics]:
+    _check_positive("micro_batches", micro_batches)
+    step = functools.partial(eval_step, cfg, micro_batches=micro_batches)
+    return jax.jit(sharding.traced_on_mesh(step, mesh, rules),
                    in_shardings=(sharding.param_shardings(cfg, mesh, rules),
                                  sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))

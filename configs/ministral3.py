@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     config.eval_every = 2000
     config.eval_batches = 64
+    config.eval_micro_batches = GRAD_ACCUM  # evaluation rows, like training's, one at a time
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2
     return config

@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 10
     config.eval_every = 0   # validation once, at the end of each stage
     config.eval_batches = 8
+    config.eval_micro_batches = 1
     config.checkpoint_every = 60
     config.keep_checkpoints = 2
     return config

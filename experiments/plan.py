@@ -125,14 +125,16 @@ def planned_steps(config: ml_collections.ConfigDict, batch_size: int, seq_len: i
         optimizer = train.make_optimizer(total_steps=root.steps, **root.optim.to_dict())
         spec = aot.StepSpec("train", models[cascade.ROOT], batch_size, seq_len, optimizer)
     else:
-        spec = aot.StepSpec("forward", models[cascade.ROOT], batch_size, seq_len)
+        spec = aot.StepSpec("forward", models[cascade.ROOT], batch_size, seq_len,
+                            micro_batches=config.get("eval_micro_batches", 1))
     steps = [(cascade.ROOT, "", spec)]
     for stage in cascade.stages_from_config(config):
         child = models[stage.name] = child_model(models[stage.parent], stage)
         optimizer = train.make_optimizer(total_steps=stage.steps, **stage.optim)
         if stage.objective == "ce":
             steps.append((stage.name, "", aot.StepSpec("train", child, batch_size, seq_len,
-                                                       optimizer, grad_accum=stage.grad_accum)))
+                                                       optimizer,
+                                                       micro_batches=stage.grad_accum)))
             continue
         teacher = stage.parent if stage.teacher == "parent" else stage.teacher
         if teacher not in models:

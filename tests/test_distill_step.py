@@ -116,7 +116,7 @@ def test_mesh_that_does_not_divide_the_teacher_is_named(optimizer):
 def test_batch_that_does_not_split_into_micro_batches_is_named():
     dcfg = step.DistillConfig(STUDENT, TEACHER, SPEC, grad_accum=3)
     params = model.param_shapes(STUDENT)
-    with pytest.raises(ValueError, match="batch of 8 rows cannot be split into grad_accum=3"):
+    with pytest.raises(ValueError, match="batch of 8 rows cannot be split into 3 equal micro-"):
         jax.eval_shape(functools.partial(step.compute_grads, dcfg), params,
                        model.param_shapes(TEACHER), _batch(0))
 
