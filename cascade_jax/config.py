@@ -25,6 +25,19 @@ def _multiples(of: int, near: int, count: int = 4) -> list[int]:
     return sorted(candidates)
 
 
+def _check_rope_scaling(scaling: Any) -> None:
+    try:
+        factor, low, high, original = scaling
+        ok = factor > 0 and 0 < low < high and int(original) == original and original > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"rope_scaling={scaling!r} must be (factor, low_freq_factor, "
+                         "high_freq_factor, original_max_position_embeddings) with factor > 0, "
+                         "0 < low_freq_factor < high_freq_factor and a positive integer "
+                         "length, e.g. Llama 3.1's (8.0, 1.0, 4.0, 8192); or None")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Mistral/Llama-family decoder.
@@ -47,6 +60,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     sliding_window: int | None = None
+    # Llama 3.1's 'llama3' RoPE frequency scaling, (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), e.g. (8.0, 1.0, 4.0, 8192); None: plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -83,6 +99,10 @@ class ModelConfig:
                 or self.attention_chunk < 1):
             raise ValueError(f"attention_chunk={self.attention_chunk!r} must be None (all "
                              "queries at once) or a positive number of queries, e.g. 1024")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+            # JSON round trips give a list; a tuple keeps the config hashable (a jit static).
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window!r} must be None (full "
                              "causal attention) or a positive number of tokens")

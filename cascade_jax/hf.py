@@ -150,21 +150,35 @@ def _architecture(hf: Mapping[str, Any], source: str) -> str:
     return archs[0]
 
 
-def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
-    """transformers 5 keeps RoPE under `rope_parameters`; 4.x used `rope_theta` + `rope_scaling`."""
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")
+
+
+def _rope(hf: Mapping[str, Any], source: str
+          ) -> tuple[float, tuple[float, float, float, int] | None]:
+    """(rope_theta, rope_scaling). transformers 5 keeps RoPE under `rope_parameters`; 4.x used
+    `rope_theta` + `rope_scaling`. Plain RoPE and Llama 3.1's 'llama3' scaling are modelled."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, Mapping) or any(isinstance(v, Mapping) for v in rope.values()):
         raise ValueError(f"{source}: rope parameters {rope!r} are not one plain RoPE setting "
                          "(per-layer-type RoPE is not supported)")
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
         raise ValueError(
-            f"{source}: RoPE scaling {rope_type!r} ({dict(rope)}) is not supported yet; only "
-            f"plain RoPE ('default') is modelled. Remove the scaling from config.json only if "
-            f"you accept different outputs at long context, or add {rope_type!r} to "
-            f"cascade_jax.model.rope_tables.")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+            f"{source}: RoPE scaling {rope_type!r} ({dict(rope)}) is not supported yet; plain "
+            f"RoPE ('default') and 'llama3' are modelled. Remove the scaling from config.json "
+            f"only if you accept different outputs at long context, or add {rope_type!r} to "
+            f"cascade_jax.model.rope_frequencies.")
+    missing = [key for key in _LLAMA3_KEYS if rope.get(key) is None]
+    if missing:
+        raise ValueError(f"{source}: RoPE scaling 'llama3' needs {missing} (Llama 3.1 uses "
+                         "factor 8, low_freq_factor 1, high_freq_factor 4, "
+                         "original_max_position_embeddings 8192)")
+    factor, low, high, original = (rope[key] for key in _LLAMA3_KEYS)
+    return theta, (float(factor), float(low), float(high), int(original))
 
 
 def _dtype_name(value: Any, source: str) -> str | None:
@@ -204,6 +218,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; the MLP "
                          "is SwiGLU (hidden_act 'silu')")
+    rope_theta, rope_scaling = _rope(hf, source)
     d_model = int(_require(hf, "hidden_size", source))
     n_heads = int(_require(hf, "num_attention_heads", source))
     head_dim = hf.get("head_dim")
@@ -223,7 +238,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=int(head_dim),
         d_ff=int(_require(hf, "intermediate_size", source)),
-        rope_theta=_rope_theta(hf, source),
+        rope_theta=rope_theta, rope_scaling=rope_scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         # transformers' Llama ignores a `sliding_window` key; only Mistral applies it.
@@ -232,6 +247,13 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
         param_dtype=_dtype_name(hf.get("dtype", hf.get("torch_dtype")), source) or "float32",
         **optional,
     )
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    return {"rope_type": "llama3", "rope_theta": float(cfg.rope_theta),
+            **dict(zip(_LLAMA3_KEYS, cfg.rope_scaling, strict=True))}
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
@@ -255,12 +277,14 @@ def config_to_hf(cfg: ModelConfig, architecture: str = "MistralForCausalLM") -> 
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": float(cfg.rope_theta),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "rope_parameters": _rope_parameters(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "dtype": cfg.param_dtype,
         "torch_dtype": cfg.param_dtype,
     }
+    if cfg.rope_scaling is not None:  # what transformers 4.x reads
+        hf["rope_scaling"] = hf["rope_parameters"]
     if architecture == "LlamaForCausalLM":
         hf["mlp_bias"] = False
     else:

@@ -24,6 +24,7 @@ Query head h uses KV head h // G (the layout of Hugging Face's `repeat_kv`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -82,10 +83,30 @@ class RMSNorm(nn.Module):
         return (x32 * inv_rms * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
+    """[E/2] float32 inverse frequencies; with `scaling`, Llama 3.1's 'llama3' rule: long
+    wavelengths (beyond original_length / low_freq_factor) slowed by `factor`, short ones
+    (below original_length / high_freq_factor) kept, the band between interpolated."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low_freq_factor, high_freq_factor, original_length = scaling
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > original_length / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = ((original_length / wavelen - low_freq_factor)
+              / (high_freq_factor - low_freq_factor))
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ((wavelen >= original_length / high_freq_factor)
+              & (wavelen <= original_length / low_freq_factor))
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float,
+                scaling: tuple[float, float, float, int] | None = None
                 ) -> tuple[jax.Array, jax.Array]:
     """cos/sin of the rotary angles, [B, L, E/2] in float32, computed once per forward."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles_BLE2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles_BLE2), jnp.sin(angles_BLE2)
 
@@ -290,7 +311,8 @@ class Decoder(nn.Module):
             segment_ids_BL = jnp.ones_like(tokens_BL)
         if positions_BL is None:
             positions_BL = positions_from_segments(segment_ids_BL)
-        cos_BLE2, sin_BLE2 = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+        cos_BLE2, sin_BLE2 = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta,
+                                         cfg.rope_scaling)
         mask_BLM = attention_mask(segment_ids_BL, cfg.sliding_window)
         x_BLD = self.embed(tokens_BL)
         x_BLD, _ = self.layers(x_BLD, cos_BLE2, sin_BLE2, mask_BLM)

@@ -8,7 +8,9 @@ to two 4B children, one by width and one by depth, each distilled from the 8B wi
 
 Where the figures come from:
 - Parent, Llama-3.1-8B's config.json: 32 layers, d_model 4096, d_ff 14336, 32 query / 8 KV
-  heads of 128, vocabulary 128256, rope_theta 500000, untied embeddings, RMSNorm eps 1e-5.
+  heads of 128, vocabulary 128256, rope_theta 500000 with Llama 3.1's 'llama3' RoPE scaling
+  (factor 8, low/high frequency factors 1/4, original length 8192), untied embeddings,
+  RMSNorm eps 1e-5.
 - Children (the released Llama-3.1-Minitron-4B-Width-Base / -Depth-Base): width keeps the 32
   layers and all heads and cuts d_model to 3072 and d_ff to 9216 (4.51B parameters); depth
   keeps width and drops 16 of the 32 layers as one contiguous block (4.54B).
@@ -26,9 +28,6 @@ float32 master params, every block rematerialised.
 Not done here:
 - Teacher correction (briefly fine-tune the 8B on the distillation data first; > 6% lower
   student validation loss per RECIPES.md): train the root on the data, then use it as `root`.
-- Llama 3.1's config.json carries `rope_scaling` of type 'llama3', which cascade_jax.hf does not
-  model yet, so loading the released checkpoint stops with an error naming it; the shapes
-  below are what experiments.plan needs, and they do not depend on it.
 """
 
 import ml_collections
@@ -68,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
         path="",
         model=dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                    head_dim=128, d_ff=14336, rope_theta=500000.0, norm_eps=1e-5,
+                   rope_scaling=(8.0, 1.0, 4.0, 8192),
                    tie_embeddings=False, max_seq_len=SEQ_LEN, dtype="bfloat16",
                    param_dtype="float32", remat=True),
     ))

@@ -46,3 +46,16 @@ def test_num_params_matches_formula_by_hand():
     per_layer = d * h * e * 2 + d * k * e * 2 + 3 * d * f + 2 * d
     assert cfg.num_params() == n * per_layer + 2 * v * d + d
     assert cfg.replace(tie_embeddings=True).num_params() == n * per_layer + v * d + d
+
+
+def test_rope_scaling_is_validated_and_survives_json():
+    import json
+
+    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
+                      head_dim=4, d_ff=8, rope_scaling=(8.0, 1.0, 4.0, 8192))
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    hash(again)  # a jit static argument
+    for bad in ((8.0, 4.0, 1.0, 8192), (8.0, 1.0, 4.0), (8.0, 1.0, 4.0, 81.5)):
+        with pytest.raises(ValueError, match=r"rope_scaling=.* must be \(factor, low_freq"):
+            cfg.replace(rope_scaling=bad)

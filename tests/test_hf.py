@@ -43,6 +43,13 @@ CASES = {
     "llama_tied_theta500k": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=48, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
         tie_word_embeddings=True, rope_theta=500000.0)),
+    # Llama 3.1's 'llama3' RoPE scaling, with an original length short enough (16) that the
+    # scaled, smoothed and kept frequency bands all occur in head_dim 16.
+    "llama31_rope_scaling": (LlamaConfig, LlamaForCausalLM, dict(
+        hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        tie_word_embeddings=False, rope_theta=500000.0, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=16))),
     # Plain multi-head attention (n_kv_heads == n_heads), default head_dim.
     "llama_mha": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
@@ -107,6 +114,14 @@ def test_import_matches_transformers(reference):
     err = rel_err(model.forward(cfg, params, jnp.asarray(tokens)), _hf_logits(hf_model, tokens))
     print(f"\n[{name}] import max relative error {err:.2e}")
     assert err <= TOL
+    rope = CASES[name][2].get("rope_parameters", {})
+    if rope.get("rope_type") == "llama3":
+        assert cfg.rope_scaling == (8.0, 1.0, 4.0, 16)
+        plain = cfg.replace(rope_scaling=None)  # the scaling matters at these shapes
+        assert rel_err(model.forward(plain, params, jnp.asarray(tokens)),
+                       _hf_logits(hf_model, tokens)) > 100 * TOL
+    else:
+        assert cfg.rope_scaling is None
 
 
 def test_export_matches_transformers(reference, tmp_path):

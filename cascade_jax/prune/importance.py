@@ -280,7 +280,8 @@ def _batch_statistics(cfg: ModelConfig, settings: _Settings, params: model.Param
     tokens_BL, segment_ids_BL, positions_BL = (batch["tokens"], batch["segment_ids"],
                                                batch["positions"])
     w_BL = (segment_ids_BL > 0).astype(jnp.float32)
-    cos_BLE2, sin_BLE2 = model.rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+    cos_BLE2, sin_BLE2 = model.rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta,
+                                           cfg.rope_scaling)
     mask_BLM = model.attention_mask(segment_ids_BL, cfg.sliding_window)
     x_BLD = model.Decoder(cfg).apply({"params": params}, tokens_BL,
                                      method=lambda decoder, t: decoder.embed(t))
