@@ -36,7 +36,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import aot, cascade, checkpoint, hf, sharding, train
+from cascade_jax import aot, cascade, checkpoint, hf, prune, sharding, train
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import step as distill_step
 from experiments.common import quiet_logging
@@ -108,12 +108,14 @@ def _checkpoint_model(directory: str) -> ModelConfig:
 
 
 def child_model(parent: ModelConfig, stage: cascade.Stage) -> ModelConfig:
-    """The child's shape as `prune.prune` makes it (tying included: a PCA cut of d_model
-    unties unless the target asks for tied embeddings)."""
-    stage.target.check(parent)
-    rotates = (stage.init == "pruned" and stage.hidden_method == "pca"
-               and stage.target.resolve(parent)["d_model"] < parent.d_model)
-    return stage.target.child_config(parent, rotates)
+    """The child's shape as the cascade makes it: `prune.child_config` (the config `prune.prune`
+    returns, heads and tying resolved by the stage's methods) or, for a random init, the
+    target's shape."""
+    if stage.init == "random":
+        stage.target.check(parent)
+        return stage.target.child_config(parent)
+    return prune.child_config(parent, stage.target, depth_method=stage.depth_method,
+                              head_method=stage.head_method, hidden_method=stage.hidden_method)
 
 
 def planned_steps(config: ml_collections.ConfigDict, batch_size: int, seq_len: int

@@ -52,7 +52,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 RECORD_FILE = "prune_record.json"
 ROTATION_FILE = "prune_rotation.npy"
-_TARGET_FIELDS = PRUNABLE
 
 def define_flags() -> None:
     """The command line; defined only when run as a script, so that tests (and other mains) can
@@ -64,7 +63,7 @@ def define_flags() -> None:
                         "one in --hf_in.")
     config_flags.DEFINE_config_dict(
         "target", ml_collections.ConfigDict({
-            **{name: config_dict.placeholder(int) for name in _TARGET_FIELDS},
+            **{name: config_dict.placeholder(int) for name in PRUNABLE},
             "tie_embeddings": config_dict.placeholder(bool)}),
         "The child's shape (--target.d_ff=16384); unset dimensions keep the parent's. "
         "--target.tie_embeddings=true ties the child's head to its embedding.")

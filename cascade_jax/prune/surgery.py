@@ -28,12 +28,12 @@ Hidden dimension, two methods:
   gets an untied child (`tie_embeddings=False`, + vocab·d_model' params; recorded) unless the
   target asks for tied embeddings: then the head is dropped and s returns as the final norm
   scale diag(Qᵀ diag(s) Q) (exact for a uniform s).
+  Adam state cannot follow a rotation (nu is elementwise squared gradients, not equivariant),
+  so `prune` refuses `opt_state` with 'pca': start the child's optimizer fresh.
 
 Tying (`Target(tie_embeddings=True)` on an untied parent, Ministral 3's 8B → tied 3B) keeps the
 input embedding as the head and drops the parent's head: exact only when that head was Eᵀ,
 otherwise a starting point that distillation repairs. Untying copies Eᵀ into a new head: exact.
-  Adam state cannot follow a rotation (nu is elementwise squared gradients, not equivariant),
-  so `prune` refuses `opt_state` with 'pca': start the child's optimizer fresh.
 
 RMSNorm after narrowing: our RMSNorm averages x² over the *current* width, so a child of
 width D' would divide by D' where the parent divided by D. SliceGPT keeps dividing by the
