@@ -39,6 +39,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from grain import checkpoint as grain_checkpoint
 
+from cascade_jax import paths
+
 PyTree = Any
 
 _STATE, _METADATA, _CHECKSUMS, _DATA = "state", "metadata", "checksums", "data"
@@ -115,18 +117,17 @@ def latest_step(directory: epath.PathLike) -> int | None:
 
 # --- leaf names, target checks, checksums ---------------------------------------------------
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def _leaf_name(key_path: Any) -> str:
+    """`a.b.0.c`, the way orbax names a leaf on disk, so a dataclass field and the dict key it
+    was saved under get the same name. The checksum records of saved checkpoints are keyed by
+    these names, so they keep orbax's '.' rather than `paths`' '/'."""
+    return paths.path_str(key_path, sep=".")
 
 
 def _named_leaves(tree: PyTree) -> dict[str, Any]:
-    """Leaves keyed `a.b.0.c`, the way orbax names them on disk, so a dataclass field and the
-    dict key it was saved under get the same name."""
+    """Leaves keyed by `_leaf_name`."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+    return {_leaf_name(path): leaf for path, leaf in leaves}
 
 
 def _abstract_target(target: PyTree) -> PyTree:
@@ -138,7 +139,7 @@ def _abstract_target(target: PyTree) -> PyTree:
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
         if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
             raise ValueError(
-                f"target leaf {jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype} has no "
+                f"target leaf {_leaf_name(path)} {leaf.shape} {leaf.dtype} has no "
                 "sharding; pass jax.ShapeDtypeStruct(shape, dtype, sharding=...), e.g. "
                 "jax.sharding.SingleDeviceSharding(jax.devices()[0]) or a NamedSharding")
         return leaf

@@ -33,7 +33,7 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cascade_jax import model
+from cascade_jax import model, paths
 from cascade_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -70,7 +70,7 @@ class _Tensor:
     """
 
     hf: str
-    path: tuple[str, ...]
+    path: str  # our param's path (`paths`)
     n_in: int | None = None
 
     @property
@@ -96,31 +96,31 @@ class _Tensor:
         return np.ascontiguousarray(ours.reshape(in_size, -1).T)
 
 
+_EMBEDDING, _LM_HEAD = "embed/embedding", "lm_head/kernel"
 _TENSORS = (
-    _Tensor("model.embed_tokens.weight", ("embed", "embedding")),                     # [V, D]
-    _Tensor("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "scale")),
-    _Tensor("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "wq"), 1),  # [H*E, D]
-    _Tensor("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "wk"), 1),  # [K*E, D]
-    _Tensor("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "wv"), 1),  # [K*E, D]
-    _Tensor("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "wo"), 2),  # [D, H*E]
-    _Tensor("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "scale")),
-    _Tensor("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "w_gate"), 1),  # [F, D]
-    _Tensor("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "w_up"), 1),      # [F, D]
-    _Tensor("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "w_down"), 1),  # [D, F]
-    _Tensor("model.norm.weight", ("final_norm", "scale")),
-    _Tensor("lm_head.weight", ("lm_head", "kernel"), 1),                               # [V, D]
+    _Tensor("model.embed_tokens.weight", _EMBEDDING),                                # [V, D]
+    _Tensor("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale"),
+    _Tensor("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/wq", 1),        # [H*E, D]
+    _Tensor("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/wk", 1),        # [K*E, D]
+    _Tensor("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/wv", 1),        # [K*E, D]
+    _Tensor("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/wo", 2),        # [D, H*E]
+    _Tensor("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale"),
+    _Tensor("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate", 1),        # [F, D]
+    _Tensor("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_up", 1),            # [F, D]
+    _Tensor("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down", 1),        # [D, F]
+    _Tensor("model.norm.weight", "final_norm/scale"),
+    _Tensor("lm_head.weight", _LM_HEAD, 1),                                          # [V, D]
 )
 
 
 def _tensors(cfg: ModelConfig) -> tuple[_Tensor, ...]:
     """The entries that exist for `cfg` (no `lm_head` when embeddings are tied)."""
-    return tuple(t for t in _TENSORS if not (cfg.tie_embeddings and t.path[0] == "lm_head"))
+    return tuple(t for t in _TENSORS if not (cfg.tie_embeddings and t.path == _LM_HEAD))
 
 
-def _leaf_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+def _leaf_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Our param shapes by path, checked to be exactly what the table maps."""
-    flat = jax.tree_util.tree_flatten_with_path(model.param_shapes(cfg))[0]
-    shapes = {tuple(k.key for k in key_path): leaf for key_path, leaf in flat}
+    shapes = paths.flatten(model.param_shapes(cfg))
     mapped = {t.path for t in _tensors(cfg)}
     if set(shapes) != mapped:  # the model grew or lost a param: this table must follow
         raise AssertionError(f"cascade_jax.hf's table is out of date with model.py: params "
@@ -452,13 +452,10 @@ def _place(read: Callable[[list[tuple[int, int]]], np.ndarray], shape: tuple[int
     return jax.make_array_from_callback(shape, sharding, callback, dtype=dtype)
 
 
-def _flat_shardings(shardings: Any, shapes: Mapping[tuple[str, ...], Any]
-                    ) -> dict[tuple[str, ...], Any]:
+def _flat_shardings(shardings: Any, shapes: Mapping[str, Any]) -> dict[str, Any]:
     if shardings is None:
         return dict.fromkeys(shapes)
-    flat = jax.tree_util.tree_flatten_with_path(
-        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
-    by_path = {tuple(getattr(k, "key", k) for k in kp): s for kp, s in flat}
+    by_path = paths.flatten(shardings)
     if set(by_path) != set(shapes):
         raise ValueError(f"shardings do not match the param tree: missing "
                          f"{sorted(set(shapes) - set(by_path))}, extra "
@@ -488,27 +485,15 @@ def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
         shapes = _leaf_shapes(cfg)
         ckpt.validate(cfg, shapes)
         placement = _flat_shardings(shardings, shapes)
-        params: Params = {}
+        flat: dict[str, Any] = {}
         for t in _tensors(cfg):
             shape, leaf_dtype = tuple(shapes[t.path].shape), shapes[t.path].dtype
 
             def read(ranges, t=t, shape=shape, leaf_dtype=leaf_dtype):
                 return _read_leaf(ckpt, t, shape, leaf_dtype, ranges)
 
-            _set(params, t.path, _place(read, shape, leaf_dtype, placement[t.path]))
-    return cfg, params
-
-
-def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Params, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
+            flat[t.path] = _place(read, shape, leaf_dtype, placement[t.path])
+    return cfg, paths.unflatten(flat)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -516,11 +501,10 @@ def _get(tree: Params, path: tuple[str, ...]) -> Any:
 
 def _check_params(cfg: ModelConfig, params: Params) -> None:
     shapes = _leaf_shapes(cfg)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    got = {tuple(getattr(k, "key", k) for k in kp): tuple(np.shape(v)) for kp, v in flat}
-    problems = [f"missing {'/'.join(p)}" for p in shapes if p not in got]
-    problems += [f"unexpected {'/'.join(p)}" for p in got if p not in shapes]
-    problems += [f"{'/'.join(p)} has shape {got[p]}, cfg implies {tuple(s.shape)}"
+    got = {p: tuple(np.shape(v)) for p, v in paths.flatten(params).items()}
+    problems = [f"missing {p}" for p in shapes if p not in got]
+    problems += [f"unexpected {p}" for p in got if p not in shapes]
+    problems += [f"{p} has shape {got[p]}, cfg implies {tuple(s.shape)}"
                  for p, s in shapes.items() if p in got and got[p] != tuple(s.shape)]
     if problems:
         raise ValueError("params do not match cfg: " + "; ".join(problems[:8])
@@ -530,11 +514,11 @@ def _check_params(cfg: ModelConfig, params: Params) -> None:
 def _hf_order(cfg: ModelConfig) -> Iterator[tuple[str, _Tensor, int | None]]:
     """(name, entry, layer) in Hugging Face's own order: embedding, layer by layer, head."""
     entries = _tensors(cfg)
-    yield from ((t.name(), t, None) for t in entries if t.path[0] == "embed")
+    yield from ((t.name(), t, None) for t in entries if t.path == _EMBEDDING)
     for i in range(cfg.n_layers):
         yield from ((t.name(i), t, i) for t in entries if t.stacked)
     yield from ((t.name(), t, None) for t in entries
-                if not t.stacked and t.path[0] != "embed")
+                if not t.stacked and t.path != _EMBEDDING)
 
 
 def _plan_shards(cfg: ModelConfig, max_shard_bytes: int
@@ -558,9 +542,9 @@ def _plan_shards(cfg: ModelConfig, max_shard_bytes: int
 
 def _hf_tensor(params: Params, t: _Tensor, layer: int | None, dtype: Any) -> np.ndarray:
     """One HF tensor gathered to host (a single layer of a stacked leaf, not the whole leaf)."""
-    leaf = _get(params, t.path)
+    leaf = paths.tree_get(params, t.path)
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        raise ValueError(f"{'/'.join(t.path)} spans several processes; hf.save gathers on one "
+        raise ValueError(f"{t.path} spans several processes; hf.save gathers on one "
                          "host: gather params first (multihost_utils.process_allgather)")
     ours = leaf if layer is None else leaf[layer]
     return t.to_hf(np.asarray(jax.device_get(ours)).astype(dtype, copy=False))

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cascade_jax import model
+from cascade_jax import model, paths
 from cascade_jax.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -118,7 +118,7 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
             ways = math.prod(mesh_shape[a] for a in axes)
             if dim % ways:
-                problems.append(f"{jax.tree_util.keystr(path)} has a dimension of {dim} "
+                problems.append(f"{paths.path_str(path)} has a dimension of {dim} "
                                 f"sharded {ways} ways over mesh axes {axes}")
     if problems:
         raise ValueError("mesh does not divide the sharded dimensions: " + "; ".join(problems)

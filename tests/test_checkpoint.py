@@ -239,7 +239,7 @@ def test_targets_that_do_not_fit_are_named(tmp_path):
         checkpoint.restore(tmp_path, wrong)
     with pytest.raises(ValueError, match=r"opt_state\.1\.0\.count: in the checkpoint but not"):
         checkpoint.restore(tmp_path, {"params": _target(state.params)})
-    with pytest.raises(ValueError, match=r"\['w'\] \(32, 32\) float32 has no sharding"):
+    with pytest.raises(ValueError, match=r"leaf params\.w \(32, 32\) float32 has no sharding"):
         checkpoint.restore(tmp_path, {"params": {"w": jax.ShapeDtypeStruct((32, 32),
                                                                           jnp.float32)}},
                            partial=True)

@@ -144,8 +144,8 @@ def test_target_bigger_than_parent_fails_before_any_work(parent, tmp_path, monke
                        prune.Target(d_model=32), hidden_method=None, mesh_sizes=MESH)
     with pytest.raises(ValueError, match="is the parent's own directory"):
         prune_main.run(str(hf_in), str(hf_in), calib, prune.Target(d_ff=64), mesh_sizes=MESH)
-    with pytest.raises(ValueError, match=r"\['layers'\]\['attn'\]\['wk'\] has a dimension of 1 "
-                       r"sharded 2 ways"):  # the child must fit the mesh too
+    with pytest.raises(ValueError, match="layers/attn/wk has a dimension of 1 sharded 2 ways"):
+        # the child must fit the mesh too
         prune_main.run(str(hf_in), str(tmp_path / "child"), calib,
                        prune.Target(n_kv_heads=1), head_method="kv_groups", mesh_sizes=MESH)
     assert not (tmp_path / "child").exists()
