@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from cascade_jax import model, prune, sharding
+from cascade_jax import model, paths, prune, sharding
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune import surgery
 from cascade_jax.prune.importance import Importance
@@ -399,11 +399,48 @@ def test_record_is_json_and_keeps_the_rotation_as_an_array(parent):
     assert tied.params["lm_head"]["kernel"].shape == (8, 64)
 
 
+def test_take_works_on_public_paths(parent):
+    """`take` on `paths.flatten(params)` with `layout(cfg)`, nothing private: keeping FFN
+    neurons by hand equals `keep_neurons`, and the tensors it touches are checked."""
+    params, _ = parent
+    s = surgery
+    flat = paths.flatten(params)
+    kept = s.take(flat, s.layout(CFG), s.Take("mlp", np.arange(0, 32, 2), count=3))
+    assert kept["layers/mlp/w_down"].shape == (4, 16, 16)          # [N, F', D]
+    assert kept["embed/embedding"] is flat["embed/embedding"]      # no 'mlp' axis: untouched
+    _assert_same_tree(paths.unflatten(kept), s.keep_neurons(CFG, params, range(0, 32, 2))[1])
+    with pytest.raises(s.SurgeryError, match="touched 3 tensors"):
+        s.take(flat, s.layout(CFG), s.Take("mlp", np.arange(4), count=2))
+
+
+def test_paths_flatten_round_trips_and_agrees_with_jax_key_paths(parent):
+    params, _ = parent
+    flat = paths.flatten(params)
+    by_jax = {paths.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert flat.keys() == by_jax.keys() == surgery.layout(CFG).keys()
+    assert all(flat[p] is by_jax[p] for p in flat)
+    assert "layers/attn/wq" in flat
+    _assert_same_tree(paths.unflatten(flat), params)
+    key_path = (jax.tree_util.GetAttrKey("opt_state"), jax.tree_util.SequenceKey(1),
+                jax.tree_util.FlattenedIndexKey(0), jax.tree_util.DictKey("mu"))
+    assert paths.path_str(key_path) == "opt_state/1/0/mu"
+
+
+def test_paths_tree_get_names_the_closest_path(parent):
+    params, _ = parent
+    assert paths.tree_get(params, "layers/attn/wq") is params["layers"]["attn"]["wq"]
+    assert paths.tree_get(params, "layers/mlp") is params["layers"]["mlp"]
+    with pytest.raises(KeyError, match="no path 'layers/atn/wq' in the tree; did you mean "
+                                       "'layers/attn/wq'"):
+        paths.tree_get(params, "layers/atn/wq")
+    with pytest.raises(KeyError, match="leaves include"):
+        paths.tree_get(params, "xyz")
+    with pytest.raises(ValueError, match="both a leaf and a subtree"):
+        paths.unflatten({"a": 1, "a/b": 2})
+
+
 def test_edits_check_the_tensors_they_touch(parent):
     params, _ = parent
-    flat = surgery._flatten(params)
-    with pytest.raises(surgery.SurgeryError, match="touched 3 tensors"):
-        prune.take(flat, surgery.layout(CFG), prune.Take("mlp", np.arange(4), count=2))
     with pytest.raises(ValueError, match="listed group by group"):
         prune.keep_query_heads(CFG, params, [0, 1])        # two heads from KV group 0
     with pytest.raises(ValueError, match="repeated"):

@@ -56,9 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
-from cascade_jax import model
+from cascade_jax import model, paths
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune.plan import Target
 
@@ -91,27 +90,19 @@ class SurgeryError(RuntimeError):
 
 @functools.lru_cache(maxsize=64)
 def _layout_items(cfg: ModelConfig) -> tuple[tuple[str, tuple[str | None, ...]], ...]:
-    specs = traverse_util.flatten_dict(model.param_logical_axes(cfg), sep="/")
+    specs = paths.flatten(model.param_logical_axes(cfg))
     return tuple((path, tuple(spec)) for path, spec in sorted(specs.items()))
 
 
 def layout(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
-    """Logical axis names of every param, keyed by its '/'-joined path (no allocation)."""
+    """Logical axis names of every param, keyed by its path (`paths`; no allocation)."""
     return dict(_layout_items(cfg))
 
 
 @functools.lru_cache(maxsize=64)
 def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    flat = traverse_util.flatten_dict(model.param_shapes(cfg), sep="/")
+    flat = paths.flatten(model.param_shapes(cfg))
     return {path: tuple(s.shape) for path, s in flat.items()}
-
-
-def _flatten(tree: Params) -> Flat:
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _unflatten(flat: Flat) -> Params:
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _norm_like(axes: tuple[str | None, ...]) -> bool:
@@ -127,7 +118,7 @@ def _finish(child: ModelConfig, flat: Flat) -> Params:
         bad = sorted(p for p in set(got) | set(want) if got.get(p) != want.get(p))
         raise SurgeryError("pruned params do not match the child config at "
                            + "; ".join(f"{p}: {got.get(p)} vs {want.get(p)}" for p in bad))
-    return _unflatten(flat)
+    return paths.unflatten(flat)
 
 
 # -------------------------------------------------------------------------- the one edit
@@ -149,7 +140,8 @@ class Take:
 def take(flat: Flat, lay: Layout, edit: Take) -> Flat:
     """Apply one checked `Take` to a flat `{path: array}` tree laid out as `lay`.
 
-    Works on any pytree with a layout (params, or a copy of them inside an optimizer state).
+    `flat` is `paths.flatten(params)` (or of a copy of them inside an optimizer state) and
+    `lay` is `layout(cfg)`; `paths.unflatten` turns the result back into a param tree.
     """
     if set(flat) != set(lay):
         raise SurgeryError(f"tree paths {sorted(set(flat) ^ set(lay))} are not in both the "
@@ -295,7 +287,7 @@ def keep_layers(cfg: ModelConfig, params: Params, layers: Sequence[int]
         raise ValueError(f"layers={idx.tolist()} must be increasing: blocks run in order; "
                          "sort them")
     child = cfg.replace(n_layers=len(idx))
-    return child, _finish(child, take(_flatten(params), layout(cfg),
+    return child, _finish(child, take(paths.flatten(params), layout(cfg),
                                       Take("layers", idx, _AXIS_COUNTS["layers"])))
 
 
@@ -303,7 +295,7 @@ def keep_neurons(cfg: ModelConfig, params: Params, neurons: Any) -> tuple[ModelC
     """Keep FFN neurons (W_gate/W_up columns and W_down rows): `[k]` or per layer `[N, k]`."""
     idx = _as_index("neurons", neurons, cfg.d_ff, cfg.n_layers)
     child = cfg.replace(d_ff=idx.shape[-1])
-    return child, _finish(child, take(_flatten(params), layout(cfg),
+    return child, _finish(child, take(paths.flatten(params), layout(cfg),
                                       Take("mlp", idx, _AXIS_COUNTS["mlp"])))
 
 
@@ -331,7 +323,7 @@ def keep_query_heads(cfg: ModelConfig, params: Params, heads: Any
     j // (H' / n_kv_heads).
     """
     child, edit = _query_heads_edit(cfg, heads)
-    return child, _finish(child, take(_flatten(params), layout(cfg), edit))
+    return child, _finish(child, take(paths.flatten(params), layout(cfg), edit))
 
 
 def _kv_groups_edit(cfg: ModelConfig, groups: Any) -> tuple[ModelConfig, list[Take]]:
@@ -344,7 +336,7 @@ def _kv_groups_edit(cfg: ModelConfig, groups: Any) -> tuple[ModelConfig, list[Ta
 def keep_kv_groups(cfg: ModelConfig, params: Params, groups: Any) -> tuple[ModelConfig, Params]:
     """Keep whole KV groups (a KV head and its G query heads): `[K']` or per layer `[N, K']`."""
     child, edits = _kv_groups_edit(cfg, groups)
-    return child, _finish(child, _apply(_flatten(params), layout(cfg), edits))
+    return child, _finish(child, _apply(paths.flatten(params), layout(cfg), edits))
 
 
 def _embed_count(cfg: ModelConfig) -> int:
@@ -359,7 +351,7 @@ def keep_channels(cfg: ModelConfig, params: Params, channels: Sequence[int]
     idx = _as_index("channels", channels, cfg.d_model)
     child = cfg.replace(d_model=len(idx))
     lay = layout(cfg)
-    flat = take(_flatten(params), lay, Take("embed", idx, _embed_count(cfg)))
+    flat = take(paths.flatten(params), lay, Take("embed", idx, _embed_count(cfg)))
     if len(idx) < cfg.d_model:
         flat = _scale_residual(flat, lay, math.sqrt(len(idx) / cfg.d_model), cfg.tie_embeddings)
     return child, _finish(child, flat)
@@ -390,9 +382,9 @@ def _fold_norms(flat: Flat, lay: Layout) -> tuple[Flat, dict[str, tuple[str | No
         flat[_LM_HEAD], lay[_LM_HEAD] = flat[_EMBEDDING].T, ("embed", "vocab")
     readers = {p for p, a in lay.items() if "embed" in a and a[-1] != "embed"}
     folded = set()
-    for norm, paths in _NORM_READERS.items():
+    for norm, norm_readers in _NORM_READERS.items():
         scale = flat[norm].astype(jnp.float32)
-        for path in paths:
+        for path in norm_readers:
             w = flat[path]
             flat[path] = (w.astype(jnp.float32)
                           * _broadcast(scale, lay[norm], lay[path])).astype(w.dtype)
@@ -452,7 +444,7 @@ def rotate_hidden(cfg: ModelConfig, params: Params, rotation_DC: Any
     always untied (module docstring)."""
     q = _check_rotation(cfg, rotation_DC)
     child = cfg.replace(d_model=q.shape[1], tie_embeddings=False)
-    return child, _finish(child, _pca_flat(cfg, _flatten(params), q))
+    return child, _finish(child, _pca_flat(cfg, paths.flatten(params), q))
 
 
 # ------------------------------------------------------------------------ the record
@@ -724,7 +716,7 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
         record.channels = channels.tolist()
 
     lay = layout(cfg)
-    flat = _apply(_flatten(params), lay, edits)
+    flat = _apply(paths.flatten(params), lay, edits)
     rotates = shrink_hidden and hidden_method == "pca"
     if not rotates:
         flat = _retie(flat, child.tie_embeddings)
@@ -742,6 +734,7 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
 
     child_opt = None
     if opt_state is not None:
-        child_opt = _map_param_copies(lambda t: _unflatten(_apply(_flatten(t), lay, edits)),
-                                      opt_state, params, optimizer)
+        child_opt = _map_param_copies(
+            lambda t: paths.unflatten(_apply(paths.flatten(t), lay, edits)), opt_state, params,
+            optimizer)
     return Pruned(child, child_params, record, child_opt)
