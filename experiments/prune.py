@@ -41,7 +41,7 @@ from cascade_jax import data, hf, model, prune, sharding, train
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune import importance as importance_lib
 from cascade_jax.prune import surgery
-from cascade_jax.prune.plan import PRUNABLE
+from cascade_jax.prune.target import PRUNABLE
 from experiments.common import quiet_logging
 
 # Files a Hugging Face directory keeps its tokenizer (and generation defaults) in.

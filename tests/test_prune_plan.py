@@ -1,13 +1,16 @@
-"""`plan` against a brute-force search with a hand-written parameter formula, and against the
-published Ministral 3 shapes (arXiv 2601.08584). No jax compilation: configs only."""
+"""`search_targets` against a brute-force search with a hand-written parameter formula, and
+against the published Ministral 3 shapes (arXiv 2601.08584). No jax compilation: configs only.
+Also the `prune` package's public surface."""
 
 import itertools
 import json
+import types
 
 import pytest
 
+from cascade_jax import prune
 from cascade_jax.config import ModelConfig
-from cascade_jax.prune import Candidate, Target, plan
+from cascade_jax.prune import Candidate, Target, search_targets
 
 SMALL = ModelConfig(vocab_size=1000, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2,
                     head_dim=64, d_ff=704)
@@ -26,7 +29,7 @@ def _count(n_layers, d_model, d_ff, cfg):
 
 def test_candidates_are_the_tightest_fits_of_a_brute_force_search():
     budget = 2_500_000
-    got = plan(SMALL, budget, multiple_of=64, max_candidates=10_000)
+    got = search_targets(SMALL, budget, multiple_of=64, max_candidates=10_000)
     sizes_D = [*range(64, 256, 64), 256]
     sizes_F = [*range(64, 704, 64), 704]       # 704 = 11·64, the parent's own size
     want = {}
@@ -48,7 +51,7 @@ def test_candidates_are_the_tightest_fits_of_a_brute_force_search():
 
 def test_ranking_prefers_closeness_then_fewer_changes_then_less_depth():
     budget = 2_500_000
-    got = plan(SMALL, budget, multiple_of=64, max_candidates=10_000, tolerance=0.02)
+    got = search_targets(SMALL, budget, multiple_of=64, max_candidates=10_000, tolerance=0.02)
     within = [c for c in got if c.n_params >= 0.98 * budget]
     assert got[:len(within)] == within         # everything within 2% comes first
     keys = [(len(c.changed), SMALL.n_layers - c.child_cfg.n_layers) for c in within]
@@ -68,7 +71,7 @@ def test_recovers_ministral3_14b_from_its_parameter_count():
     """Ministral 3's first stage cut only the FFN: 40 / 5120 / 32768 → 40 / 5120 / 16384."""
     budget = _count(40, 5120, 16384, MISTRAL_SMALL)
     assert budget == MISTRAL_SMALL.replace(d_ff=16384).num_params()
-    best = plan(MISTRAL_SMALL, budget, multiple_of=128)
+    best = search_targets(MISTRAL_SMALL, budget, multiple_of=128)
     assert best[0].target == Target(d_ff=16384)
     assert best[0].n_params == budget and best[0].budget_fraction == 1.0
     assert len(best) == 10 and all(c.n_params <= budget for c in best)
@@ -76,15 +79,15 @@ def test_recovers_ministral3_14b_from_its_parameter_count():
 
 def test_depth_and_width_switches():
     budget = 2_500_000
-    width_only = plan(SMALL, budget, prune_depth=False, max_candidates=100)
+    width_only = search_targets(SMALL, budget, prune_depth=False, max_candidates=100)
     assert width_only and all(c.child_cfg.n_layers == 6 for c in width_only)
-    depth_only = plan(SMALL, budget, prune_width=False, max_candidates=100)
+    depth_only = search_targets(SMALL, budget, prune_width=False, max_candidates=100)
     assert [c.target for c in depth_only] == [Target(n_layers=2), Target(n_layers=1)]
     assert depth_only[0].n_params == _count(2, 256, 704, SMALL) == 1_987_840
 
 
 def test_candidate_to_dict_is_plain_data():
-    c = plan(SMALL, 2_500_000)[0]
+    c = search_targets(SMALL, 2_500_000)[0]
     assert isinstance(c, Candidate)
     d = json.loads(json.dumps(c.to_dict()))
     assert d["child_config"] == c.child_cfg.to_dict() and d["changed"] == ["d_model"]
@@ -110,4 +113,18 @@ def test_target_checks_and_resolves():
 ])
 def test_bad_budgets_are_named(budget, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        plan(SMALL, budget, **kwargs)
+        search_targets(SMALL, budget, **kwargs)
+
+
+def test_prune_surface_is_curated():
+    """`prune` exports exactly its documented names; `budget` is a module, not a function."""
+    import cascade_jax.prune.budget
+
+    assert isinstance(cascade_jax.prune.budget, types.ModuleType)
+    assert prune.search_targets is cascade_jax.prune.budget.search_targets
+    assert isinstance(prune.surgery, types.ModuleType)
+    assert sorted(prune.__all__) == [
+        "Candidate", "Importance", "PruneRecord", "Pruned", "Target", "child_config",
+        "estimate_importance", "prune", "search_targets", "surgery"]
+    assert all(getattr(prune, name) is not None for name in prune.__all__)
+

@@ -17,7 +17,6 @@ import pytest
 
 from cascade_jax import model, paths, prune, sharding
 from cascade_jax.config import ModelConfig
-from cascade_jax.prune import surgery
 from cascade_jax.prune.importance import Importance
 
 CFG = ModelConfig(vocab_size=64, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -80,9 +79,10 @@ def test_nothing_removed_is_bit_identical(parent):
             _assert_same_tree(out.params, params)
     np.testing.assert_array_equal(_logits(out.cfg, out.params), logits)
     # Explicit keep-everything edits run the checked Takes and are still exact copies.
-    for edit, index in ((prune.keep_layers, range(4)), (prune.keep_neurons, range(32)),
-                        (prune.keep_query_heads, range(4)), (prune.keep_kv_groups, range(2)),
-                        (prune.keep_channels, range(16))):
+    s = prune.surgery
+    for edit, index in ((s.keep_layers, range(4)), (s.keep_neurons, range(32)),
+                        (s.keep_query_heads, range(4)), (s.keep_kv_groups, range(2)),
+                        (s.keep_channels, range(16))):
         cfg, kept = edit(CFG, params, list(index))
         assert cfg == CFG
         _assert_same_tree(kept, params)
@@ -150,14 +150,14 @@ def test_dropping_kv_groups_equals_masking_their_query_heads(parent):
 
 def test_pca_at_full_width_is_the_parent(parent):
     params, logits = parent
-    q = prune.pca_rotation(_scores(CFG).residual_cov, CFG.d_model)
-    cfg, rotated = prune.rotate_hidden(CFG, params, q)
+    q = prune.surgery.pca_rotation(_scores(CFG).residual_cov, CFG.d_model)
+    cfg, rotated = prune.surgery.rotate_hidden(CFG, params, q)
     assert cfg == CFG
     assert not np.allclose(rotated["layers"]["attn"]["wq"], params["layers"]["attn"]["wq"])
     np.testing.assert_allclose(_logits(cfg, rotated), logits, rtol=1e-4, atol=1e-4)
     # Tied embeddings: the final norm folds into a new head, so the child is untied.
     tied = _randomized_params(TIED, seed=5)
-    cfg, rotated = prune.rotate_hidden(TIED, tied, q)
+    cfg, rotated = prune.surgery.rotate_hidden(TIED, tied, q)
     assert cfg == CFG and "lm_head" in rotated
     np.testing.assert_allclose(_logits(cfg, rotated), _logits(TIED, tied), rtol=1e-4, atol=1e-4)
 
@@ -194,19 +194,20 @@ def test_pca_truncation_error_falls_with_width():
         out = prune.prune(CFG, params, scores, prune.Target(d_model=width), hidden_method="pca")
         assert out.cfg.d_model == width and out.record.rotation.shape == (16, width)
         errors.append(error(out.cfg, out.params))
-    errors.append(error(*prune.rotate_hidden(CFG, params, prune.pca_rotation(x.T @ x, 16))))
+    full_q = prune.surgery.pca_rotation(x.T @ x, 16)
+    errors.append(error(*prune.surgery.rotate_hidden(CFG, params, full_q)))
     assert all(a > b for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 1e-4 and errors[1] < 0.7, errors   # full width: float32 rounding
     # The principal directions matter: a random orthonormal basis of the same width is worse.
     random_q, _ = np.linalg.qr(rng.normal(size=(16, 8)))
-    cfg, child = prune.rotate_hidden(CFG, params, random_q)
+    cfg, child = prune.surgery.rotate_hidden(CFG, params, random_q)
     assert error(cfg, child) > 1.5 * errors[1]
 
 
 def test_channels_in_permuted_order_are_exact(parent):
     params, logits = parent
     perm = np.random.default_rng(0).permutation(16)
-    cfg, child = prune.keep_channels(CFG, params, perm)
+    cfg, child = prune.surgery.keep_channels(CFG, params, perm)
     assert cfg == CFG
     np.testing.assert_array_equal(child["embed"]["embedding"],
                                   params["embed"]["embedding"][:, perm])
@@ -220,7 +221,7 @@ def test_removing_silent_channels_is_exact(cfg):
     which needs the RMS rescale (the child's norm would otherwise divide by 12, not 16)."""
     params = _randomized_params(cfg, seed=7)
     silent = np.array([1, 6, 7, 13])
-    for path, axes in surgery.layout(cfg).items():
+    for path, axes in prune.surgery.layout(cfg).items():
         node = params
         *parents, leaf = path.split("/")
         for key in parents:
@@ -369,11 +370,11 @@ def test_depth_methods_pick_the_documented_layers(parent):
     bi = np.array([0.9, 0.1, 0.2, 0.8])
     ratio = np.array([0.3, 0.9, 0.1, 0.5])
     scores = _scores(CFG, layer_block_influence=bi, layer_norm_ratio=ratio)
-    assert prune.select_layers(scores, 2, "block_influence").tolist() == [0, 3]
-    assert prune.select_layers(scores, 2, "norm_ratio").tolist() == [1, 3]
+    assert prune.surgery.select_layers(scores, 2, "block_influence").tolist() == [0, 3]
+    assert prune.surgery.select_layers(scores, 2, "norm_ratio").tolist() == [1, 3]
     # Contiguous: the run of two blocks with the least summed influence is [1, 2].
-    assert prune.select_layers(scores, 2, "contiguous").tolist() == [0, 3]
-    assert prune.select_layers(scores, 3, "contiguous").tolist() == [0, 2, 3]
+    assert prune.surgery.select_layers(scores, 2, "contiguous").tolist() == [0, 3]
+    assert prune.surgery.select_layers(scores, 3, "contiguous").tolist() == [0, 2, 3]
     out = prune.prune(CFG, parent[0], None, prune.Target(),
                       depth_method=[0, 2])
     assert out.cfg.n_layers == 2 and out.record.layers == [0, 2]
@@ -403,7 +404,7 @@ def test_take_works_on_public_paths(parent):
     """`take` on `paths.flatten(params)` with `layout(cfg)`, nothing private: keeping FFN
     neurons by hand equals `keep_neurons`, and the tensors it touches are checked."""
     params, _ = parent
-    s = surgery
+    s = prune.surgery
     flat = paths.flatten(params)
     kept = s.take(flat, s.layout(CFG), s.Take("mlp", np.arange(0, 32, 2), count=3))
     assert kept["layers/mlp/w_down"].shape == (4, 16, 16)          # [N, F', D]
@@ -417,7 +418,7 @@ def test_paths_flatten_round_trips_and_agrees_with_jax_key_paths(parent):
     params, _ = parent
     flat = paths.flatten(params)
     by_jax = {paths.path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    assert flat.keys() == by_jax.keys() == surgery.layout(CFG).keys()
+    assert flat.keys() == by_jax.keys() == prune.surgery.layout(CFG).keys()
     assert all(flat[p] is by_jax[p] for p in flat)
     assert "layers/attn/wq" in flat
     _assert_same_tree(paths.unflatten(flat), params)
@@ -442,9 +443,9 @@ def test_paths_tree_get_names_the_closest_path(parent):
 def test_edits_check_the_tensors_they_touch(parent):
     params, _ = parent
     with pytest.raises(ValueError, match="listed group by group"):
-        prune.keep_query_heads(CFG, params, [0, 1])        # two heads from KV group 0
+        prune.surgery.keep_query_heads(CFG, params, [0, 1])        # two heads from KV group 0
     with pytest.raises(ValueError, match="repeated"):
-        prune.keep_neurons(CFG, params, [3, 3])
+        prune.surgery.keep_neurons(CFG, params, [3, 3])
 
 
 @pytest.mark.parametrize(("target", "kwargs", "match"), [

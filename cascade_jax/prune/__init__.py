@@ -1,59 +1,35 @@
 """Pruning: importance scores → surgery → a smaller child config and params.
 
-    scores = prune.estimate_importance(cfg, params, calib_batches)
-    out = prune.prune(cfg, params, scores, prune.Target(n_layers=30, d_ff=14336))
-    out.cfg, out.params, out.record          # out.opt_state when opt_state= was given
-    prune.plan(cfg, n_params=8_000_000_000)  # ranked targets that fit a parameter budget
-    prune.child_config(cfg, target)          # the child's config, checked, before any work
+    from cascade_jax import prune
+    scores = prune.estimate_importance(cfg, params, calib_batches)   # Importance; .save/.load
+    target = prune.Target(n_layers=30, d_ff=14336)
+    prune.child_config(cfg, target)           # the child's config, checked, before any work
+    out = prune.prune(cfg, params, scores, target)    # Pruned
+    out.cfg, out.params, out.record           # out.opt_state when opt_state= was given
+    prune.search_targets(cfg, n_params=8_000_000_000)  # ranked Candidates within a budget
+    prune.surgery.keep_layers(cfg, params, [0, 1, 3])  # the primitives, one edit at a time
+
+Modules: `importance` (scores), `target` (`Target`), `budget` (`search_targets`), `surgery`
+(`prune`, `child_config` and the checked edits: keep_layers, keep_neurons, keep_query_heads,
+keep_kv_groups, keep_channels, rotate_hidden, pca_rotation, take / Take on
+`paths.flatten(params)` with `layout(cfg)`, top_k, select_layers).
 """
 
+from cascade_jax.prune import surgery
+from cascade_jax.prune.budget import Candidate, search_targets
 from cascade_jax.prune.importance import Importance, estimate_importance
-from cascade_jax.prune.plan import Candidate, Target, plan
-from cascade_jax.prune.surgery import (
-    Pruned,
-    PruneRecord,
-    Take,
-    child_config,
-    keep_channels,
-    keep_kv_groups,
-    keep_layers,
-    keep_neurons,
-    keep_query_heads,
-    layout,
-    pca_rotation,
-    prune,
-    rotate_hidden,
-    select_layers,
-    take,
-    top_k,
-)
-
-# importance.py saves and loads through `Importance.save(path)` / `Importance.load(path, cfg)`.
-save_importance = Importance.save
-load_importance = Importance.load
+from cascade_jax.prune.surgery import Pruned, PruneRecord, child_config, prune
+from cascade_jax.prune.target import Target
 
 __all__ = [
     "Candidate",
     "Importance",
     "PruneRecord",
     "Pruned",
-    "Take",
     "Target",
     "child_config",
     "estimate_importance",
-    "keep_channels",
-    "keep_kv_groups",
-    "keep_layers",
-    "keep_neurons",
-    "keep_query_heads",
-    "layout",
-    "load_importance",
-    "pca_rotation",
-    "plan",
     "prune",
-    "rotate_hidden",
-    "save_importance",
-    "select_layers",
-    "take",
-    "top_k",
+    "search_targets",
+    "surgery",
 ]

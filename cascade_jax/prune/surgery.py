@@ -59,7 +59,7 @@ import optax
 
 from cascade_jax import model, paths
 from cascade_jax.config import ModelConfig
-from cascade_jax.prune.plan import Target
+from cascade_jax.prune.target import Target
 
 Params = model.Params
 Flat = dict[str, Any]

@@ -1,8 +1,9 @@
-"""Pruning targets, and the search from a parameter budget to a ranked list of child shapes.
+"""The search from a parameter budget to a ranked list of child shapes.
 
-`Target` says which dimensions a child keeps (None = the parent's); `prune.prune` consumes it.
-`plan(cfg, n_params)` proposes targets whose `ModelConfig.num_params()` fits a budget, before
-anything is allocated, so a cascade can be sized (and its memory estimated) ahead of launch.
+`search_targets(cfg, n_params)` proposes `Target`s (`prune.target`) whose
+`ModelConfig.num_params()` fits a budget, before anything is allocated, so a cascade can be
+sized (and its memory estimated) ahead of launch. Each comes as a `Candidate` with its config
+and parameter count; `prune.prune` consumes the candidate's `target`.
 
 What the search varies, and why:
 - `d_model` and `d_ff` move in multiples of `multiple_of` (64/128: MXU/tensor-core tiles and
@@ -33,63 +34,7 @@ import dataclasses
 from typing import Any
 
 from cascade_jax.config import ModelConfig
-
-PRUNABLE = ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """The dimensions a pruned child keeps; None keeps the parent's value."""
-
-    n_layers: int | None = None
-    d_model: int | None = None
-    d_ff: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    # True ties the child's output head to its input embedding (Ministral 3's 3B is tied,
-    # its 8B parent is not); False unties it. None: as the parent, except that a PCA cut of
-    # d_model unties (see `prune.surgery`).
-    tie_embeddings: bool | None = None
-
-    def to_dict(self) -> dict[str, int | bool | None]:
-        return dataclasses.asdict(self)
-
-    def child_tie(self, cfg: ModelConfig, rotates_hidden: bool = False) -> bool:
-        """Whether the child's embeddings are tied (see `tie_embeddings`)."""
-        if self.tie_embeddings is not None:
-            return self.tie_embeddings
-        return cfg.tie_embeddings and not rotates_hidden
-
-    def child_config(self, cfg: ModelConfig, rotates_hidden: bool = False) -> ModelConfig:
-        """The child's config, before any params exist (sizing, planning, random init)."""
-        return cfg.replace(**self.resolve(cfg), tie_embeddings=self.child_tie(cfg, rotates_hidden))
-
-    def resolve(self, cfg: ModelConfig) -> dict[str, int]:
-        """Every prunable dimension, with None replaced by `cfg`'s value."""
-        return {name: getattr(cfg, name) if getattr(self, name) is None else getattr(self, name)
-                for name in PRUNABLE}
-
-    def check(self, cfg: ModelConfig) -> None:
-        """Raise ValueError unless every set dimension is a positive int no larger than `cfg`'s."""
-        if self.tie_embeddings not in (None, True, False):
-            raise ValueError(f"Target tie_embeddings={self.tie_embeddings!r} must be True, "
-                             "False or None (None keeps the parent's)")
-        for name in PRUNABLE:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Target {name}={value!r} must be a positive integer, or None "
-                                 "to keep the parent's value")
-            if value > getattr(cfg, name):
-                raise ValueError(f"Target {name}={value} exceeds the parent's "
-                                 f"{name}={getattr(cfg, name)}; pruning only removes, so choose "
-                                 f"{name} <= {getattr(cfg, name)} (or None to keep it)")
-
-    def changed(self, cfg: ModelConfig) -> tuple[str, ...]:
-        """Names of the dimensions this target actually shrinks."""
-        resolved = self.resolve(cfg)
-        return tuple(name for name in PRUNABLE if resolved[name] != getattr(cfg, name))
+from cascade_jax.prune.target import PRUNABLE, Target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +82,9 @@ def _rank_key(cand: Candidate, parent: ModelConfig, budget: int, tolerance: floa
             parent.n_layers - child.n_layers, max_cut, gap)
 
 
-def plan(cfg: ModelConfig, n_params: int, *, multiple_of: int = 64, max_candidates: int = 10,
-         prune_depth: bool = True, prune_width: bool = True, tolerance: float = 0.02
-         ) -> list[Candidate]:
+def search_targets(cfg: ModelConfig, n_params: int, *, multiple_of: int = 64,
+                   max_candidates: int = 10, prune_depth: bool = True,
+                   prune_width: bool = True, tolerance: float = 0.02) -> list[Candidate]:
     """Child shapes with at most `n_params` parameters, best first (see the module docstring).
 
     Every candidate has `num_params() <= n_params`; `d_model` and `d_ff` are multiples of
