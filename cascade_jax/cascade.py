@@ -360,7 +360,7 @@ def _make_child(run: _Run, stage: Stage, stage_index: int, parent: Trained
     directory = run.stage_dir(stage.name)
     os.makedirs(directory, exist_ok=True)
     if stage.init == "random":
-        child_cfg = stage.target.child_config(parent.cfg)
+        child_cfg = prune.child_config(parent.cfg, stage.target, init="random")
         return child_cfg, None, {"init": "random"}
     importance_path = os.path.join(directory, "importance.npz")
     if os.path.exists(importance_path):

@@ -108,14 +108,11 @@ def _checkpoint_model(directory: str) -> ModelConfig:
 
 
 def child_model(parent: ModelConfig, stage: cascade.Stage) -> ModelConfig:
-    """The child's shape as the cascade makes it: `prune.child_config` (the config `prune.prune`
-    returns, heads and tying resolved by the stage's methods) or, for a random init, the
-    target's shape."""
-    if stage.init == "random":
-        stage.target.check(parent)
-        return stage.target.child_config(parent)
-    return prune.child_config(parent, stage.target, depth_method=stage.depth_method,
-                              head_method=stage.head_method, hidden_method=stage.hidden_method)
+    """The child's shape as the cascade makes it: `prune.child_config` with the stage's init
+    and methods (the config `prune.prune` returns, or for a random init the target's shape)."""
+    return prune.child_config(parent, stage.target, init=stage.init,
+                              depth_method=stage.depth_method, head_method=stage.head_method,
+                              hidden_method=stage.hidden_method)
 
 
 def planned_steps(config: ml_collections.ConfigDict, batch_size: int, seq_len: int

@@ -1,6 +1,6 @@
 """`search_targets` against a brute-force search with a hand-written parameter formula, and
 against the published Ministral 3 shapes (arXiv 2601.08584). No jax compilation: configs only.
-Also the `prune` package's public surface."""
+Also the `prune` package's public surface, and `child_config` for both kinds of child."""
 
 import itertools
 import json
@@ -127,4 +127,20 @@ def test_prune_surface_is_curated():
         "Candidate", "Importance", "PruneRecord", "Pruned", "Target", "child_config",
         "estimate_importance", "prune", "search_targets", "surgery"]
     assert all(getattr(prune, name) is not None for name in prune.__all__)
+    assert not hasattr(Target, "child_config")   # one checked sizing function: prune's
 
+
+def test_child_config_for_a_random_init_is_the_targets_shape():
+    """init='random' needs no method to resolve heads or tying: the target's shape, checked."""
+    tied = SMALL.replace(tie_embeddings=True)
+    target = Target(d_model=128, n_kv_heads=1)   # no head method can reach this by cutting
+    child = prune.child_config(tied, target, init="random")
+    assert child == tied.replace(d_model=128, n_kv_heads=1)
+    pca = prune.child_config(tied, Target(d_model=128), hidden_method="pca")
+    assert pca.tie_embeddings is False            # pruned: a PCA cut unties
+    assert prune.child_config(tied, Target(d_model=128, tie_embeddings=False),
+                              init="random").tie_embeddings is False
+    with pytest.raises(ValueError, match="exceeds the parent's d_ff=704"):
+        prune.child_config(SMALL, Target(d_ff=1024), init="random")
+    with pytest.raises(ValueError, match="init='copy' is unknown; choose one of"):
+        prune.child_config(SMALL, Target(), init="copy")

@@ -68,6 +68,7 @@ Layout = Mapping[str, tuple[str | None, ...]]
 DEPTH_METHODS = ("block_influence", "norm_ratio", "contiguous")
 HEAD_METHODS = ("within_group", "kv_groups")
 HIDDEN_METHODS = ("channel", "pca")
+INITS = ("pruned", "random")  # how `child_config`'s child gets its weights
 
 # How many decoder tensors carry each logical axis (model.py's param tree). An edit touching
 # any other number means the layout changed under the surgery, which must then be updated.
@@ -533,6 +534,12 @@ def _check_method(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ValueError(f"{name}={value!r} is unknown; choose one of {list(allowed)}")
 
 
+def _check_target(cfg: ModelConfig, target: Any) -> None:
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a prune.Target, got {type(target).__name__}")
+    target.check(cfg)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Resolved:
     child: ModelConfig
@@ -543,9 +550,7 @@ class _Resolved:
 def _child_shape(cfg: ModelConfig, target: Target, depth_method: Any, head_method: str,
                  hidden_method: str | None) -> _Resolved:
     """The checks that need only the configs, and the child they imply."""
-    if not isinstance(target, Target):
-        raise TypeError(f"target must be a prune.Target, got {type(target).__name__}")
-    target.check(cfg)
+    _check_target(cfg, target)
     dims = target.resolve(cfg)
     explicit = None
     if isinstance(depth_method, str):
@@ -571,13 +576,23 @@ def _child_shape(cfg: ModelConfig, target: Target, depth_method: Any, head_metho
     return _Resolved(child, dims, explicit)
 
 
-def child_config(cfg: ModelConfig, target: Target, *,
+def child_config(cfg: ModelConfig, target: Target, *, init: str = "pruned",
                  depth_method: str | Sequence[int] = "block_influence",
                  head_method: str = "within_group", hidden_method: str | None = "channel"
                  ) -> ModelConfig:
-    """The config `prune` would return for these arguments, from the configs alone: every
-    check on the target and methods runs, no params or scores needed (fail fast before
-    loading a checkpoint)."""
+    """The child's config from the configs alone, every check run: no params or scores
+    needed, so a bad request fails before a checkpoint loads.
+
+    init='pruned': the config `prune` returns for the same arguments (heads resolved by
+      `head_method`, a PCA cut of d_model unties).
+    init='random': a child initialised from scratch at the target's shape and tying
+      (`Target.check`, then `ModelConfig`'s own checks); the methods play no part, since
+      nothing is cut.
+    """
+    _check_method("init", init, INITS)
+    if init == "random":
+        _check_target(cfg, target)
+        return cfg.replace(**target.resolve(cfg), tie_embeddings=target.child_tie(cfg))
     return _child_shape(cfg, target, depth_method, head_method, hidden_method).child
 
 

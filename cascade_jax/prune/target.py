@@ -34,10 +34,6 @@ class Target:
             return self.tie_embeddings
         return cfg.tie_embeddings and not rotates_hidden
 
-    def child_config(self, cfg: ModelConfig, rotates_hidden: bool = False) -> ModelConfig:
-        """The child's config, before any params exist (sizing, planning, random init)."""
-        return cfg.replace(**self.resolve(cfg), tie_embeddings=self.child_tie(cfg, rotates_hidden))
-
     def resolve(self, cfg: ModelConfig) -> dict[str, int]:
         """Every prunable dimension, with None replaced by `cfg`'s value."""
         return {name: getattr(cfg, name) if getattr(self, name) is None else getattr(self, name)
