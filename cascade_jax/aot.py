@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from cascade_jax import model, sharding, train
+from cascade_jax import model, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import step as distill_step
 
@@ -61,7 +61,7 @@ class StepSpec:
 
     kind: 'train' (cross-entropy AdamW step of `student`), 'distill' (`distill_step.train_step`
     of `distill.student` from the frozen `distill.teacher`; `student` must be the same config)
-    or 'forward' (`train.eval_step` of `student`, e.g. a root that is loaded, not trained).
+    or 'forward' (`steps.eval_sums` of `student`, e.g. a root that is loaded, not trained).
     """
 
     kind: str
@@ -82,7 +82,7 @@ class StepSpec:
             raise ValueError("kind='distill' needs distill=DistillConfig(student, teacher, ...) "
                              "with the same student config as StepSpec.student")
         if self.kind in ("train", "distill") and self.optimizer is None:
-            raise ValueError(f"kind={self.kind!r} needs an optimizer (train.make_optimizer)")
+            raise ValueError(f"kind={self.kind!r} needs an optimizer (steps.make_optimizer)")
         if self.batch_size < 1 or self.seq_len < 2:
             raise ValueError(f"batch_size={self.batch_size} and seq_len={self.seq_len} must be "
                              ">= 1 and >= 2")
@@ -125,22 +125,20 @@ def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, micro_batches: int
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh) -> model.Params:
     """`ShapeDtypeStruct`s of `cfg`'s params placed on their shardings."""
-    return train.abstract_like(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
+    return steps.abstract_like(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
 
 
 def abstract_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                         mesh: Mesh) -> train.TrainState:
-    shapes = jax.eval_shape(lambda p: train.init_state(cfg, optimizer, p),
-                            model.param_shapes(cfg))
-    return train.abstract_like(shapes, train.state_shardings(cfg, optimizer, mesh))
+                         mesh: Mesh) -> steps.TrainState:
+    return steps.abstract_state(optimizer, model.param_shapes(cfg),
+                                steps.model_state_shardings(cfg, optimizer, mesh))
 
 
 def abstract_distill_state(dcfg: distill_step.DistillConfig,
                            optimizer: optax.GradientTransformation, mesh: Mesh
-                           ) -> train.TrainState:
-    shapes = jax.eval_shape(lambda p: train.init_state(dcfg.student, optimizer, p),
-                            distill_step.param_shapes(dcfg))
-    return train.abstract_like(shapes, distill_step.state_shardings(dcfg, optimizer, mesh))
+                           ) -> steps.TrainState:
+    return steps.abstract_state(optimizer, distill_step.param_shapes(dcfg),
+                                distill_step.state_shardings(dcfg, optimizer, mesh))
 
 
 def shard_bytes(tree: Any) -> int:
@@ -154,15 +152,15 @@ def step_and_args(spec: StepSpec, mesh: Mesh) -> tuple[Any, tuple[Any, ...]]:
     micro = spec.distill.grad_accum if spec.kind == "distill" else spec.micro_batches
     batch = abstract_batch(mesh, spec.batch_size, spec.seq_len, micro)
     if spec.kind == "train":
-        return (train.jit_train_step(spec.student, spec.optimizer, mesh,
-                                     grad_accum=spec.micro_batches),
+        return (steps.jit_ce_train_step(spec.student, spec.optimizer, mesh,
+                                        grad_accum=spec.micro_batches),
                 (abstract_train_state(spec.student, spec.optimizer, mesh), batch))
     if spec.kind == "distill":
         dcfg = spec.distill
         return (distill_step.jit_train_step(dcfg, spec.optimizer, mesh),
                 (abstract_distill_state(dcfg, spec.optimizer, mesh),
                  abstract_params(dcfg.teacher, mesh), batch))
-    return (train.jit_eval_step(spec.student, mesh, micro_batches=spec.micro_batches),
+    return (steps.jit_eval_sums(spec.student, mesh, micro_batches=spec.micro_batches),
             (abstract_params(spec.student, mesh), batch))
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple, Self
@@ -248,6 +249,19 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 # --- the checkpointer -----------------------------------------------------------------------
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Orbax warns "Given directory is read only" every time a manager is opened with
+    `read_only=True`, which is exactly how we read a parent or teacher on purpose (every stage
+    of a cascade does); drop that one record, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Given directory is read only=%s"
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
+
 
 class Checkpointer:
     """Saves and restores the steps of one run directory. Call on every host; orbax decides

@@ -41,7 +41,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cascade_jax import files
+from cascade_jax import files, validate
 
 Batch = dict[str, np.ndarray]
 
@@ -521,25 +521,64 @@ def _corpora(source: str, tokenizer: tokenizers.Tokenizer, *, cache_dir: str | N
                      "'jsonl:<glob>', 'npy:<path to .npy or .npz>'")
 
 
-def datasets_from_config(config: Any, *, seed: int) -> Datasets:
-    """Datasets from a config's `data` block (a ConfigDict or dict; see configs/tiny_teacher.py):
-    `source` (as `_corpora` reads it), `tokenizer` ('builtin' or a tokenizer.json path),
-    `seq_len`, `batch_size` (global, split over hosts), `cache_dir` ('' = the default); and
-    optionally `jsonl_field` ('text') and `validation_percent` (5)."""
-    cache_dir = config.get("cache_dir") or None
-    spec = config.get("tokenizer", "builtin")
-    tokenizer = builtin_tokenizer(cache_dir) if spec == "builtin" else load_tokenizer(spec)
-    train, validation = _corpora(
-        config.get("source", "builtin"), tokenizer, cache_dir=cache_dir,
-        field=config.get("jsonl_field", "text"),
-        validation_percent=config.get("validation_percent", VALIDATION_PERCENT))
-    return _datasets(train, validation, tokenizer, seq_len=config["seq_len"],
-                     global_batch_size=config["batch_size"], seed=seed)
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where a run's tokens come from (the typed `config.data` block).
+
+    source: 'builtin' | 'text:<glob>' | 'jsonl:<glob>' | 'npy:<path to .npy or .npz>'.
+    tokenizer: 'builtin' or a Hugging Face tokenizer.json (or the directory holding it).
+    seq_len, batch_size: packed rows of `seq_len` tokens, `batch_size` rows per step (global,
+      split over hosts). cache_dir: '' = $CASCADE_JAX_CACHE or ~/.cache/cascade_jax.
+    jsonl_field: the text field of JSONL documents. validation_percent: documents held out.
+    """
+
+    source: str = "builtin"
+    tokenizer: str = "builtin"
+    seq_len: int = 128
+    batch_size: int = 16
+    cache_dir: str = ""
+    jsonl_field: str = "text"
+    validation_percent: float = VALIDATION_PERCENT
+    key: str = dataclasses.field(default="config.data", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        # Empty source/tokenizer are allowed here (a config planned before its data exists);
+        # `datasets_from_config` refuses them by name.
+        validate.string(f"{k}.source", self.source)
+        validate.string(f"{k}.tokenizer", self.tokenizer)
+        validate.positive_int(f"{k}.seq_len", self.seq_len)
+        if self.seq_len < 2:
+            raise ValueError(f"{k}.seq_len={self.seq_len} must be >= 2 (a token and its "
+                             "successor)")
+        validate.positive_int(f"{k}.batch_size", self.batch_size)
+        validate.string(f"{k}.cache_dir", self.cache_dir)
+        validate.string(f"{k}.jsonl_field", self.jsonl_field, allow_empty=False)
+        validate.number(f"{k}.validation_percent", self.validation_percent, low=0.0,
+                        high=100.0, low_open=True, high_open=True)
+
+
+def datasets_from_config(config: DataConfig | Mapping[str, Any], *, seed: int) -> Datasets:
+    """Datasets from a `DataConfig` (or a mapping of its fields; see configs/tiny_teacher.py)."""
+    if not isinstance(config, DataConfig):
+        config = DataConfig(**config)
+    for name, hint in (("source", "'builtin', 'text:<glob>', 'jsonl:<glob>' or 'npy:<path>'"),
+                       ("tokenizer", "'builtin' or the path of a tokenizer.json")):
+        if not getattr(config, name):
+            raise ValueError(f"{config.key}.{name} is empty; set --{config.key}.{name}= "
+                             f"{hint}")
+    cache_dir = config.cache_dir or None
+    tokenizer = (builtin_tokenizer(cache_dir) if config.tokenizer == "builtin"
+                 else load_tokenizer(config.tokenizer))
+    train, validation = _corpora(config.source, tokenizer, cache_dir=cache_dir,
+                                 field=config.jsonl_field,
+                                 validation_percent=config.validation_percent)
+    return _datasets(train, validation, tokenizer, seq_len=config.seq_len,
+                     global_batch_size=config.batch_size, seed=seed)
 
 
 def builtin_datasets(*, seq_len: int, global_batch_size: int, seed: int,
                      cache_dir: str | None = None) -> Datasets:
     """The embedded default: the stdlib corpus and its 4096-token BPE, everything cached."""
-    return datasets_from_config(dict(source="builtin", tokenizer="builtin", seq_len=seq_len,
-                                     batch_size=global_batch_size, cache_dir=cache_dir),
-                                seed=seed)
+    return datasets_from_config(DataConfig(seq_len=seq_len, batch_size=global_batch_size,
+                                           cache_dir=cache_dir or ""), seed=seed)

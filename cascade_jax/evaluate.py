@@ -17,32 +17,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cascade_jax import lm, model, sharding, train
+from cascade_jax import lm, loop, model, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-# KL(teacher ‖ student) at T = 1: what "KL to teacher" means in a results table.
+# KL(teacher ‖ student) at T = 1: what "KL to teacher" means in a results table. The fused
+# loss pads L to a multiple of the chunk (a shorter L is one chunk), so every length is fused.
 _KL_SPEC = losses.LossSpec(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=256)
 
 
 def teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, params: model.Params,
                         teacher_params: model.Params, batch: Batch) -> Metrics:
-    """Token-weighted sums: `loss_sum` (CE on the text), `kl_sum` (forward KL to the teacher),
-    `agree_sum` (student's top-1 = teacher's top-1), `loss_count`."""
+    """Token-weighted sums: `loss_sum` (CE on the text), `kl_to_teacher_sum` (forward KL to the
+    teacher at T = 1), `top1_agreement_sum` (student's top-1 = teacher's top-1), `count`."""
     targets_BL, weights_BL = lm.next_token_targets(batch)
     args = (batch["tokens"], batch.get("segment_ids"), batch.get("positions"))
     student_BLD = model.hidden_states(cfg, params, *args)
     teacher_BLT = model.hidden_states(teacher_cfg, teacher_params, *args)
-    spec = _KL_SPEC if batch["tokens"].shape[1] % _KL_SPEC.chunk_size == 0 else (
-        losses.LossSpec(kind="forward_kl", chunk_size=None))
     _, sums = losses.distill_loss(student_BLD, model.lm_head_weights(cfg, params), teacher_BLT,
                                   model.lm_head_weights(teacher_cfg, teacher_params),
-                                  targets_BL, weights_BL, spec)
-    return {"loss_sum": sums["ce_sum"], "kl_sum": sums["kd_sum"],
-            "agree_sum": sums["agree_sum"], "loss_count": sums["count"]}
+                                  targets_BL, weights_BL, _KL_SPEC)
+    return {"loss_sum": sums["ce_sum"], "kl_to_teacher_sum": sums["kd_sum"],
+            "top1_agreement_sum": sums["top1_agreement_sum"], "count": sums["count"]}
 
 
 def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Mesh,
@@ -51,7 +50,7 @@ def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Me
     """`teacher_metric_sums` compiled for `mesh`: `(params, teacher_params, batch) -> sums`,
     the batch scanned as `micro_batches`."""
     def sums(params: model.Params, teacher_params: model.Params, batch: Batch) -> Metrics:
-        return train.sum_over_micro_batches(
+        return steps.sum_over_micro_batches(
             functools.partial(teacher_metric_sums, cfg, teacher_cfg, params, teacher_params),
             micro_batches, batch)
 
@@ -66,14 +65,15 @@ def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[
               *, max_batches: int | None = None, teacher_cfg: ModelConfig | None = None,
               teacher_params: model.Params | None = None, micro_batches: int = 1
               ) -> Callable[[model.Params], dict[str, float]]:
-    """`params -> {loss, perplexity, tokens, [accuracy | kl, agree]}` over a fresh pass of
-    `batches()` (the validation split): what `train.fit` calls every `eval_every` steps.
+    """`params -> {loss, perplexity, tokens, [accuracy | kl_to_teacher, top1_agreement]}`
+    over a fresh pass of `batches()` (the validation split): what `loop.fit` calls every
+    `eval_every` steps.
 
     With a teacher, the figures include forward KL to it and top-1 agreement with it.
     `micro_batches` splits each batch (scanned) when its activations would not fit at once.
     """
     if teacher_cfg is None:
-        step = train.jit_eval_step(cfg, mesh, micro_batches=micro_batches)
+        step = steps.jit_eval_sums(cfg, mesh, micro_batches=micro_batches)
     else:
         with_teacher = jit_teacher_metric_sums(cfg, teacher_cfg, mesh,
                                                micro_batches=micro_batches)
@@ -82,7 +82,7 @@ def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[
             return with_teacher(params, teacher_params, batch)
 
     def evaluate(params: model.Params) -> dict[str, float]:
-        return train.evaluate(step, params, batches(), mesh, max_batches=max_batches)
+        return loop.evaluate(step, params, batches(), mesh, max_batches=max_batches)
 
     return evaluate
 

@@ -60,7 +60,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
-from cascade_jax import model, sharding
+from cascade_jax import chunks, model, sharding
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses, step
 
@@ -159,11 +159,9 @@ def teacher_targets(cfg: ModelConfig, params: model.Params, batch: Mapping[str, 
     hidden_BLD = model.hidden_states(cfg, params, batch["tokens"], batch.get("segment_ids"),
                                      batch.get("positions"))
     head_DV = model.lm_head_weights(cfg, params).astype(hidden_BLD.dtype)
-    batch_size, length, _ = hidden_BLD.shape
-    chunk = min(chunk_size, length)
-    n_chunks = -(-length // chunk)
-    hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, n_chunks * chunk - length), (0, 0)))
-    hidden_nBCD = jnp.swapaxes(hidden_BLD.reshape(batch_size, n_chunks, chunk, -1), 0, 1)
+    length = hidden_BLD.shape[1]
+    chunk, n_chunks = chunks.count(length, chunk_size)
+    hidden_nBCD = chunks.split(hidden_BLD, chunk)
     keys = jax.random.split(rng if rng is not None else jax.random.key(0), n_chunks)
 
     def one_chunk(args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -175,11 +173,7 @@ def teacher_targets(cfg: ModelConfig, params: model.Params, batch: Mapping[str, 
         return losses.sample_teacher_targets(logits_BCV, key, k, temperature=temperature)
 
     idx_nBCk, logprobs_nBCk = jax.lax.map(one_chunk, (hidden_nBCD, keys))
-
-    def unchunk(x_nBCk: jax.Array) -> jax.Array:
-        return jnp.swapaxes(x_nBCk, 0, 1).reshape(batch_size, n_chunks * chunk, k)[:, :length]
-
-    return unchunk(idx_nBCk), unchunk(logprobs_nBCk)
+    return chunks.merge(idx_nBCk, length), chunks.merge(logprobs_nBCk, length)
 
 
 _STATIC = ("cfg", "k", "mode", "temperature", "chunk_size", "logprob_dtype")

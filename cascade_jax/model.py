@@ -4,8 +4,12 @@ Layers are scanned (`nn.scan`): params are stacked with a leading `layers` axis,
 compile time flat in depth and makes depth pruning a slice of every `[N, ...]` leaf. Every
 param carries logical axis names (see `cascade_jax.sharding` for their mapping to a mesh).
 
-Dimension letters (einsum strings and variable suffixes): B batch, L query length, M key
-length, D d_model, H query heads, K kv heads, G = H/K, E head_dim, F d_ff, V vocab, N layers.
+Dimension letters, the library's one glossary (einsum strings, variable suffixes, sharding
+names): B batch, L query length, M key length, D d_model, H query heads, K kv heads, G = H/K,
+E head_dim, F d_ff, V vocab, N layers; C positions in a chunk of L and n the number of chunks
+(`cascade_jax.chunks`), k teacher targets per position (sparse KD, the logits cache), S samples
+(completions per prompt), P a pruned child's width where it differs from the parent's D (a
+PCA rotation is [D, P]), T a teacher's d_model where it differs from the student's D.
 
 Param tree (N-stacked leaves under `layers`):
     embed/embedding            [V, D]        ('vocab', 'embed')
@@ -31,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cascade_jax import chunks
 from cascade_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -159,20 +164,17 @@ def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
     """`attend`, `chunk` queries at a time: the same softmax over all keys per query, so the
     same result, with only one block's [B, K, chunk, G, M] scores live. Each block is
     rematerialised in the backward pass (a checkpointed `lax.map`)."""
-    batch, length = q_BLKGE.shape[:2]
+    length = q_BLKGE.shape[1]
     if length % chunk:
         raise ValueError(f"attention_chunk={chunk} does not divide the sequence length "
                          f"{length}; choose a divisor of {length} (or None)")
-    blocks = length // chunk
-    q_nBcKGE = jnp.swapaxes(q_BLKGE.reshape(batch, blocks, chunk, *q_BLKGE.shape[2:]), 0, 1)
-    mask_nBcM = jnp.swapaxes(mask_BLM.reshape(batch, blocks, chunk, -1), 0, 1)
+    q_nBCKGE, mask_nBCM = chunks.split(q_BLKGE, chunk), chunks.split(mask_BLM, chunk)
 
     @jax.checkpoint
     def block(q_and_mask: tuple[jax.Array, jax.Array]) -> jax.Array:
         return attend(q_and_mask[0], k_BMKE, v_BMKE, q_and_mask[1])
 
-    out_nBcKGE = jax.lax.map(block, (q_nBcKGE, mask_nBcM))
-    return jnp.swapaxes(out_nBcKGE, 0, 1).reshape(q_BLKGE.shape[:-1] + v_BMKE.shape[-1:])
+    return chunks.merge(jax.lax.map(block, (q_nBCKGE, mask_nBCM)), length)
 
 
 class Attention(nn.Module):

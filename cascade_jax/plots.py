@@ -1,5 +1,6 @@
-"""Notebook-ready matplotlib figures. matplotlib is imported lazily, so the library itself does
-not depend on it (it is in the `[dev]` extras)."""
+"""Notebook-ready matplotlib figures (matplotlib is a dependency of cascade_jax; it is imported
+here only when a figure is made). Given axes, a function draws into them and never touches
+pyplot or the backend; without axes it makes a new figure with pyplot, as a notebook expects."""
 
 from __future__ import annotations
 

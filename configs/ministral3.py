@@ -8,7 +8,8 @@ each child pruned from the previous child and distilled from the root, forward K
         --config.data.source='text:/data/**/*.txt' \
         --config.data.tokenizer=/ckpt/mistral-small-3.1-base-text
 
-Where the figures come from (see /work/shared/RECIPES.md, "Ministral 3"):
+Where the figures come from (the Ministral 3 report, arXiv 2601.08584, and Mistral Small 3.1's
+released config.json):
 - Shapes (paper): parent 40 layers / d_model 5120 / FFN 32768, 32 query and 8 KV heads of 128,
   vocabulary 131072; children 14B (40 / 5120 / 16384), 8B (34 / 4096 / 14336), 3B (26 / 3072 /
   9216, tied embeddings). No head pruning at any size.
@@ -70,7 +71,7 @@ def _stage(parent: str, n_layers: int, d_model: int, d_ff: int, tied: bool
     return ml_collections.ConfigDict(dict(
         parent=parent, teacher="root", init="pruned", objective="kd",
         target=_target(n_layers, d_model, d_ff, tied),
-        loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=512),
+        kd=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=512),
         depth_method="norm_ratio", head_method="within_group", hidden_method="pca",
         steps=_stage_steps(), optim=dict(lr=1e-4, warmup_steps=2000, min_lr_ratio=0.1),
         calib_batches=64, grad_accum=GRAD_ACCUM, baseline=False))

@@ -14,11 +14,11 @@ Where the figures come from:
 - Children (the released Llama-3.1-Minitron-4B-Width-Base / -Depth-Base): width keeps the 32
   layers and all heads and cuts d_model to 3072 and d_ff to 9216 (4.51B parameters); depth
   keeps width and drops 16 of the 32 layers as one contiguous block (4.54B).
-- Importance from one forward pass over calibration samples (RECIPES.md: ~1024; here 128
-  batches of 8 × 8192 tokens): neurons by activation, embedding channels by the RMSNorm
-  output, aggregated (L2 over batch, mean over sequence); depth by block influence, removing
-  the contiguous block that costs least ('contiguous').
-- Distillation: forward KL on logits alone, T = 1 (RECIPES.md: KL alone 2.107 LM loss vs
+- Importance from one forward pass over calibration samples (Minitron, arXiv 2407.14679: ~1024;
+  here 128 batches of 8 × 8192 tokens): neurons by activation, embedding channels by the
+  RMSNorm output, aggregated (L2 over batch, mean over sequence); depth by block influence,
+  removing the contiguous block that costs least ('contiguous').
+- Distillation: forward KL on logits alone, T = 1 (arXiv 2407.14679: KL alone 2.107 LM loss vs
   2.117 with CE added). 94B distillation tokens per child (the models' cards), 8k context.
 
 Our choices, not the papers': a global batch of 512 × 8192 tokens (so 22,411 steps for 94B
@@ -27,7 +27,7 @@ float32 master params, every block rematerialised.
 
 Not done here:
 - Teacher correction (briefly fine-tune the 8B on the distillation data first; > 6% lower
-  student validation loss per RECIPES.md): train the root on the data, then use it as `root`.
+  student validation loss per arXiv 2408.11796): train the root on the data, then use it as `root`.
 """
 
 import ml_collections
@@ -47,7 +47,7 @@ def _target(**dims: int) -> ml_collections.ConfigDict:
 def _stage(target: ml_collections.ConfigDict, **fields: str) -> ml_collections.ConfigDict:
     stage = dict(
         parent="root", teacher="root", init="pruned", objective="kd", target=target,
-        loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=512),
+        kd=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=512),
         depth_method="block_influence", head_method="within_group", hidden_method="channel",
         steps=TOKENS_PER_CHILD // (BATCH_SIZE * SEQ_LEN),
         optim=dict(lr=1e-4, warmup_steps=100, min_lr_ratio=0.1),

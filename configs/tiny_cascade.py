@@ -16,18 +16,24 @@ built-in corpus, pruned and distilled twice (root → child → grandchild, Mini
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+# The settings block of each objective (`stages.<name>.<objective>`), validated by it.
+OBJECTIVE_SETTINGS = {
+    "kd": dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=128),
+    "ce": {},
+}
 
-def _stage(**fields) -> ml_collections.ConfigDict:
+
+def _stage(objective: str = "kd", **fields) -> ml_collections.ConfigDict:
     stage = dict(
-        parent="root", teacher="root", init="pruned", objective="kd",
+        parent="root", teacher="root", init="pruned", objective=objective,
         # None keeps the parent's size (placeholders, so --config...target.d_ff=512 works)
         target={**{name: placeholder(int) for name in
                    ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")},
                 "tie_embeddings": placeholder(bool)},
-        loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=128),
         depth_method="block_influence", head_method="within_group", hidden_method="channel",
         steps=STAGE_STEPS, optim=dict(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1),
         calib_batches=4, grad_accum=1, baseline=False)
+    stage[objective] = dict(OBJECTIVE_SETTINGS[objective])
     for name, value in fields.items():
         if isinstance(value, dict):
             stage[name] = {**stage[name], **value}
@@ -74,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
                                               baseline=True)
 
     config.log_every = 10
-    config.eval_every = 0   # validation once, at the end of each stage
+    config.eval_every = 30  # validation curves: every 30 steps and at the end of each stage
     config.eval_batches = 8
     config.eval_micro_batches = 1
     config.checkpoint_every = 60

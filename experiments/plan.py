@@ -36,9 +36,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import aot, cascade, checkpoint, hf, prune, sharding, train
-from cascade_jax.config import ModelConfig
-from cascade_jax.distill import step as distill_step
+from cascade_jax import aot, cascade, objectives, runconfig, sharding
+from cascade_jax import steps as steps_lib
 from experiments.common import quiet_logging
 
 
@@ -76,10 +75,10 @@ def mesh_sizes(config_mesh: dict[str, int], overrides: dict[str, int | None]) ->
     return {axis: 1 if size == -1 else size for axis, size in sizes.items()}
 
 
-def global_batch(config: ml_collections.ConfigDict, sizes: dict[str, int],
+def global_batch(config: runconfig.CascadeConfig, sizes: dict[str, int],
                  per_device_batch: int | None) -> int:
     if per_device_batch is None:
-        return int(config.data.batch_size)
+        return config.data.batch_size
     if per_device_batch < 1:
         raise ValueError(f"per_device_batch={per_device_batch} must be >= 1")
     return per_device_batch * math.prod(sizes[a] for a in sharding.BATCH_AXES)
@@ -88,60 +87,30 @@ def global_batch(config: ml_collections.ConfigDict, sizes: dict[str, int],
 # ------------------------------------------------------------------------ the steps
 
 
-def root_model(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The root's shape: `config.root.model` when given (no files needed), else read from
-    `root.path` (a Hugging Face directory or an Orbax checkpoint of cascade_jax)."""
-    root = config.root
-    if root.get("model"):
-        return ModelConfig.from_dict(root.model.to_dict())
-    if root.kind == "hf":
-        return hf.read_config(root.path)
-    if root.kind == "orbax":
-        return _checkpoint_model(root.path)
-    raise ValueError("config.root has no `model` (ModelConfig fields); a 'scratch' root needs "
-                     "one")
-
-
-def _checkpoint_model(directory: str) -> ModelConfig:
-    with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
-        return ModelConfig.from_dict(ckpt.read_metadata()["model"])
-
-
-def child_model(parent: ModelConfig, stage: cascade.Stage) -> ModelConfig:
-    """The child's shape as the cascade makes it: `prune.child_config` with the stage's init
-    and methods (the config `prune.prune` returns, or for a random init the target's shape)."""
-    return prune.child_config(parent, stage.target, init=stage.init,
-                              depth_method=stage.depth_method, head_method=stage.head_method,
-                              hidden_method=stage.hidden_method)
-
-
-def planned_steps(config: ml_collections.ConfigDict, batch_size: int, seq_len: int
+def planned_steps(config: runconfig.CascadeConfig, batch_size: int, seq_len: int
                   ) -> list[tuple[str, str, aot.StepSpec]]:
-    """(name, teacher name, step) for the root and every stage, in run order."""
+    """(name, teacher name, step) for the root and every stage, in run order. Shapes come from
+    `cascade.plan_models` (the sizing and checks the cascade itself runs); each stage's step
+    is its objective's own `step_spec`."""
     root = config.root
-    models = {cascade.ROOT: root_model(config)}
+    models = cascade.plan_models(config, cascade.root_model(root, from_files=False))
     if root.kind == "scratch":
-        optimizer = train.make_optimizer(total_steps=root.steps, **root.optim.to_dict())
+        optimizer = steps_lib.make_optimizer(total_steps=root.steps,
+                                             **root.optim.optimizer_kwargs())
         spec = aot.StepSpec("train", models[cascade.ROOT], batch_size, seq_len, optimizer)
     else:
         spec = aot.StepSpec("forward", models[cascade.ROOT], batch_size, seq_len,
-                            micro_batches=config.get("eval_micro_batches", 1))
+                            micro_batches=config.cadence.eval_micro_batches)
     steps = [(cascade.ROOT, "", spec)]
-    for stage in cascade.stages_from_config(config):
-        child = models[stage.name] = child_model(models[stage.parent], stage)
-        optimizer = train.make_optimizer(total_steps=stage.steps, **stage.optim)
-        if stage.objective == "ce":
-            steps.append((stage.name, "", aot.StepSpec("train", child, batch_size, seq_len,
-                                                       optimizer,
-                                                       micro_batches=stage.grad_accum)))
-            continue
-        teacher = stage.parent if stage.teacher == "parent" else stage.teacher
-        if teacher not in models:
-            models[teacher] = _checkpoint_model(teacher)
-        dcfg = distill_step.DistillConfig(student=child, teacher=models[teacher],
-                                          loss=stage.loss, grad_accum=stage.grad_accum)
-        steps.append((stage.name, teacher, aot.StepSpec("distill", child, batch_size, seq_len,
-                                                        optimizer, dcfg)))
+    for stage in config.stages:
+        objective = objectives.get(stage.objective)
+        optimizer = steps_lib.make_optimizer(total_steps=stage.steps,
+                                             **stage.optim.optimizer_kwargs())
+        teacher = stage.teacher_name if objective.uses_teacher else ""
+        steps.append((stage.name, teacher, objective.step_spec(
+            models[stage.name], models[teacher] if teacher else None, stage.settings,
+            optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
+            grad_accum=stage.grad_accum)))
     return steps
 
 
@@ -171,10 +140,12 @@ def plan_step(name: str, teacher: str, spec: aot.StepSpec, mesh: jax.sharding.Me
     }
 
 
-def run(config: ml_collections.ConfigDict, sizes: dict[str, int], *,
+def run(config: runconfig.CascadeConfig | ml_collections.ConfigDict, sizes: dict[str, int], *,
         per_device_batch: int | None = None, count_flops: bool = True,
         only: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows for the root and every stage on a `sizes` mesh of this process's devices."""
+    if not isinstance(config, runconfig.CascadeConfig):
+        config = runconfig.cascade_config(config)
     n_devices = math.prod(sizes.values())
     if n_devices > jax.device_count():
         raise ValueError(f"mesh {sizes} needs {n_devices} devices but this process has "
@@ -182,7 +153,7 @@ def run(config: ml_collections.ConfigDict, sizes: dict[str, int], *,
                          "itself on that many virtual CPU devices")
     mesh = sharding.make_mesh(**sizes, devices=jax.devices()[:n_devices])
     batch_size = global_batch(config, sizes, per_device_batch)
-    steps = planned_steps(config, batch_size, int(config.data.seq_len))
+    steps = planned_steps(config, batch_size, config.data.seq_len)
     unknown = sorted(set(only or ()) - {name for name, _, _ in steps})
     if unknown:
         raise ValueError(f"--stages {unknown} are not in this config; choose from "

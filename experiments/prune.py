@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import data, hf, model, prune, sharding, train
+from cascade_jax import data, hf, loop, model, prune, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune import importance as importance_lib
 from cascade_jax.prune import surgery
@@ -163,7 +163,7 @@ def calibration_loss(cfg: ModelConfig, params: model.Params, batches: Sequence[A
                      mesh: Any) -> dict[str, float]:
     """Cross-entropy and perplexity on `batches`, params placed on `cfg`'s shardings."""
     params = sharding.shard_like(params, sharding.param_shardings(cfg, mesh))
-    return train.evaluate(train.jit_eval_step(cfg, mesh), params, batches, mesh)
+    return loop.evaluate(steps.jit_eval_sums(cfg, mesh), params, batches, mesh)
 
 
 # ------------------------------------------------------------------------------ output

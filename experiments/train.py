@@ -8,22 +8,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cascade_jax import train
-from experiments.common import quiet_logging
+from experiments.common import define_multihost_flag, start
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize() first (TPU pods, SLURM).")
+_MULTIHOST = define_multihost_flag()
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
     del argv
-    quiet_logging()
-    if _MULTIHOST.value:
-        import jax
-
-        jax.distributed.initialize()
+    start(_MULTIHOST.value)
     summary = train.run(_CONFIG.value)
     print(train.format_summary(summary))
 

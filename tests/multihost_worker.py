@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cascade_jax import model, sharding, train
+from cascade_jax import model, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses, step
 
@@ -60,7 +60,7 @@ def process_rows(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
 
 def run(mesh: jax.sharding.Mesh) -> tuple[list[float], dict[str, np.ndarray]]:
     """(loss per step, final student params gathered to host, flattened by key path)."""
-    optimizer = train.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1)
+    optimizer = steps.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1)
     state = step.create_state(DCFG, optimizer, mesh, rng=jax.random.key(0))
     teacher = sharding.init_params(TEACHER, jax.random.key(1), mesh)
     step_fn = step.jit_train_step(DCFG, optimizer, mesh)
@@ -68,7 +68,7 @@ def run(mesh: jax.sharding.Mesh) -> tuple[list[float], dict[str, np.ndarray]]:
     for i in range(STEPS):
         local = process_rows(global_batch(i), mesh)
         state, metrics = step_fn(state, teacher, sharding.shard_batch(local, mesh))
-        losses_.append(float(metrics["loss_sum"]) / float(metrics["loss_count"]))
+        losses_.append(float(metrics["loss_sum"]) / float(metrics["count"]))
     params = multihost_utils.process_allgather(state.params, tiled=True)
     flat = {jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}

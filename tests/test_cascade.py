@@ -1,5 +1,7 @@
 """The cascade runs its stages, resumes bit-identically after kill -9, and never clobbers."""
 
+import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -12,7 +14,18 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cascade_jax import cascade, checkpoint, data, hf, model, sharding
+from cascade_jax import (
+    cascade,
+    checkpoint,
+    data,
+    hf,
+    model,
+    objectives,
+    runconfig,
+    sharding,
+    steps,
+    validate,
+)
 from cascade_jax.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -24,12 +37,13 @@ def tiny_config(corpus_dir: str, workdir: str) -> ml_collections.ConfigDict:
     """A two-stage cascade that trains in seconds: root → child (KD) → grandchild (KD), plus
     a random-init CE baseline."""
 
-    def stage(**fields):
-        base = dict(parent="root", teacher="root", init="pruned", objective="kd",
+    def stage(objective="kd", **fields):
+        base = dict(parent="root", teacher="root", init="pruned", objective=objective,
                     target=dict(n_layers=None, d_model=None, d_ff=None, n_heads=None,
                                 n_kv_heads=None),
-                    loss=dict(kind="forward_kl", chunk_size=16), steps=6,
-                    optim=dict(lr=3e-3, warmup_steps=1), calib_batches=2)
+                    steps=6, optim=dict(lr=3e-3, warmup_steps=1), calib_batches=2)
+        if objective == "kd":
+            base["kd"] = dict(kind="forward_kl", chunk_size=16)
         base.update(fields)
         return base
 
@@ -232,19 +246,19 @@ def test_bad_stage_configs_are_clear_errors(corpus_dir, tmp_path):
     config = tiny_config(corpus_dir, str(tmp_path))
     config.stages.grandchild.parent = "nope"
     with pytest.raises(ValueError, match="parent='nope'"):
-        cascade.stages_from_config(config)
+        runconfig.cascade_config(config)
     config = tiny_config(corpus_dir, str(tmp_path))
     config.stage_order = ("grandchild", "child", "child_random_ce")
     with pytest.raises(ValueError, match="parent='child'"):
-        cascade.stages_from_config(config)
+        runconfig.cascade_config(config)
     config = tiny_config(corpus_dir, str(tmp_path))
     config.stage_order = ("child",)
     with pytest.raises(ValueError, match="stage_order"):
-        cascade.stages_from_config(config)
+        runconfig.cascade_config(config)
     config = tiny_config(corpus_dir, str(tmp_path))
     config.stages.child.grad_accum = 0
     with pytest.raises(ValueError, match="grad_accum=0 must be a positive integer"):
-        cascade.stages_from_config(config)
+        runconfig.cascade_config(config)
     config = tiny_config(corpus_dir, str(tmp_path / "run"))
     config.stages.child.grad_accum = 2  # 4-row micro-batches over 8 data shards
     with pytest.raises(ValueError, match="batch_size=8 in grad_accum=2 micro-batches does not "
@@ -279,3 +293,70 @@ def test_an_hf_root_runs_with_the_configs_runtime_settings(reference, corpus_dir
     assert abs(hf_results[0]["validation_loss"] - results[0]["validation_loss"]) < 0.02
     assert hf_results[0]["params"] == results[0]["params"]
     assert np.isfinite(hf_results[1]["validation_loss"]) and hf_results[1]["tokens"] > 0
+
+
+# ---------------------------------------------------------------- objectives as plug-ins
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToySettings:
+    scale: float = 1.0
+
+
+class _ScaledCrossEntropy:
+    """A toy objective defined only here: CE times `scale`, with a metric of its own."""
+
+    name = "toy_scaled_ce"
+    loss_label = "toy objective"
+    uses_teacher = False
+
+    def parse_settings(self, block, key):
+        return validate.construct(_ToySettings, block, key)
+
+    def build(self, ctx):
+        cfg, optimizer, mesh, scale = ctx.student, ctx.optimizer, ctx.mesh, ctx.settings.scale
+
+        def loss_sum(params, batch):
+            sums = steps.ce_sums(cfg, params, batch)
+            return scale * sums["loss_sum"], dict(sums, toy_sum=scale * sums["loss_sum"])
+
+        def step(state, batch):
+            grads, metrics = steps.accumulate_grads(loss_sum, ctx.grad_accum, state.params, batch)
+            return steps.apply_grads(optimizer, state, grads, metrics)
+
+        shardings = steps.model_state_shardings(cfg, optimizer, mesh)
+        return objectives.Built(
+            step_fn=steps.jit_step(step, shardings, mesh),
+            abstract_state=steps.abstract_state(optimizer, model.param_shapes(cfg), shardings),
+            make_state=lambda: steps.place_state(optimizer, ctx.child_params, shardings),
+            batches=ctx.train_batches(), lineage={"toy_scale": scale})
+
+    def step_spec(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def test_a_toy_objective_runs_as_a_stage_without_touching_cascade(reference, corpus_dir,
+                                                                  tmp_path):
+    """Registered here, configured by its own block, run by `cascade.run` on an Orbax root."""
+    objectives.register(_ScaledCrossEntropy())
+    try:
+        config = tiny_config(corpus_dir, str(tmp_path / "run"))
+        config.root = ml_collections.ConfigDict(dict(
+            kind="orbax", path=os.path.join(reference[0], "root", "checkpoints")))
+        config.stage_order = ("toy",)
+        config.stages = ml_collections.ConfigDict(dict(toy=dict(
+            parent="root", teacher="root", init="parent", objective="toy_scaled_ce",
+            toy_scaled_ce=dict(scale=0.5), steps=3, optim=dict(lr=1e-3, warmup_steps=1))))
+        results = cascade.run(config, progress=False)
+    finally:
+        objectives.unregister("toy_scaled_ce")
+    assert [r["stage"] for r in results] == ["root", "toy"]
+    assert results[1]["params"] == results[0]["params"]  # init='parent': the root as is
+    stage_dir = tmp_path / "run" / "toy"
+    assert json.loads((stage_dir / "stage.json").read_text())["objective"] == "toy_scaled_ce"
+    train = [r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    assert train and all(r["toy"] == pytest.approx(0.5 * r["loss"]) for r in train)
+    meta = checkpoint.read_metadata(str(stage_dir / "checkpoints"))
+    assert meta["toy_scale"] == 0.5 and meta["objective"] == "toy_scaled_ce"
+    assert "toy" not in pathlib.Path(cascade.__file__).read_text()

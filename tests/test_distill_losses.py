@@ -60,7 +60,7 @@ def _np_sums(s_logits, t_logits, targets, weights, spec):
     agree = np.asarray(s_logits).argmax(-1) == np.asarray(t_logits).argmax(-1)
     kd_sum, ce_sum = (kd * w).sum(), (ce * w).sum()
     return {"loss_sum": spec.alpha * kd_sum + (1 - spec.alpha) * ce_sum, "kd_sum": kd_sum,
-            "ce_sum": ce_sum, "agree_sum": (agree * w).sum(), "count": w.sum()}
+            "ce_sum": ce_sum, "top1_agreement_sum": (agree * w).sum(), "count": w.sum()}
 
 
 def _packed_targets(rng, batch, length, vocab):
@@ -147,7 +147,7 @@ def test_from_logits_matches_float64_numpy(kind, beta, temperature):
     spec = LossSpec(kind=kind, temperature=temperature, alpha=0.7, beta=beta)
     loss, metrics = losses.distill_loss_from_logits(s_logits, t_logits, targets, weights, spec)
     want = _np_sums(s_logits, t_logits, targets, weights, spec)
-    assert want["agree_sum"] not in (0.0, want["count"])  # the agreement check can fail
+    assert want["top1_agreement_sum"] not in (0.0, want["count"])  # the agreement check can fail
     for name, value in want.items():
         np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(loss, want["loss_sum"] / want["count"], rtol=2e-5)
@@ -179,7 +179,7 @@ def test_divergence_of_a_distribution_with_itself_is_zero(kind):
         spec = LossSpec(kind=kind, temperature=1.7, beta=beta)
         _, metrics = losses.distill_loss_from_logits(logits, logits, targets, weights, spec)
         np.testing.assert_allclose(metrics["kd_sum"], 0.0, atol=1e-5)
-        assert metrics["agree_sum"] == metrics["count"]
+        assert metrics["top1_agreement_sum"] == metrics["count"]
 
 
 def test_jsd_limits_are_forward_and_reverse_kl_and_continuous():

@@ -1,6 +1,6 @@
 """The distillation step: frozen teacher, exact gradient accumulation, sharded = one device,
 hidden-state matching against numpy, bf16 compute with float32 masters, clear errors, NaN stop
-through `train.fit`, and KD beating CE-only training at matching a trained teacher."""
+through `loop.fit`, and KD beating CE-only training at matching a trained teacher."""
 
 import functools
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cascade_jax import lm, model, sharding, train
+from cascade_jax import lm, loop, model, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses, step
 from cascade_jax.metrics import MetricWriter, read_metrics
@@ -44,7 +44,7 @@ def _host(tree):
 
 @pytest.fixture(scope="module")
 def optimizer():
-    return train.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=2)
+    return steps.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def _run(step_fn, state, teacher, mesh, seeds):
     losses_ = []
     for seed in seeds:
         state, metrics = step_fn(state, teacher, sharding.shard_batch(_batch(seed), mesh))
-        losses_.append(float(metrics["loss_sum"] / metrics["loss_count"]))
+        losses_.append(float(metrics["loss_sum"] / metrics["count"]))
     return state, losses_
 
 
@@ -164,7 +164,7 @@ def test_hidden_state_loss_matches_numpy(single, whole_batch_grads):
     np.testing.assert_allclose(metrics["kd_sum"], reference["kd_sum"], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_sum"], reference["loss_sum"] + 0.5 * expected,
                                rtol=1e-5)
-    assert metrics["loss_count"] == reference["count"]
+    assert metrics["count"] == reference["count"]
 
 
 def test_cosine_hidden_loss_matches_numpy_and_ignores_scale():
@@ -196,7 +196,7 @@ def test_grad_accumulation_equals_one_step_on_the_whole_batch(single, whole_batc
     _, teacher, state = single
     batch = _batch(1)
     (whole_sum_grads, _), whole_metrics = whole_batch_grads
-    whole = jax.tree.map(lambda g: g / whole_metrics["loss_count"], whole_sum_grads)
+    whole = jax.tree.map(lambda g: g / whole_metrics["count"], whole_sum_grads)
     dcfg = step.DistillConfig(STUDENT, TEACHER, SPEC, DCFG.hidden, grad_accum=4)
     accum, accum_metrics = jax.jit(functools.partial(step.compute_grads, dcfg))(
         state.params, teacher, batch)
@@ -259,8 +259,8 @@ def test_nan_loss_stops_fit_with_the_step_and_saves_nothing(single, single_step,
     state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
     saved = []
     with MetricWriter(str(tmp_path), tensorboard=False) as writer, pytest.raises(
-            train.NonFiniteLossError, match="loss is nan at step 1; stopped without saving"):
-        train.fit(step.with_teacher(single_step, teacher), state, iter([_batch(0)] * 5),
+            loop.NonFiniteLossError, match="loss is nan at step 1; stopped without saving"):
+        loop.fit(step.with_teacher(single_step, teacher), state, iter([_batch(0)] * 5),
                   mesh=mesh, total_steps=5, writer=writer, checkpoint_every=1,
                   save_fn=lambda *a: saved.append(a), progress=False)
     assert saved == []
@@ -307,13 +307,13 @@ def _kl_to_teacher(forward, teacher, student, batch):
 
 def test_distilled_student_matches_teacher_better_than_ce_student(tmp_path):
     """Teacher: 150 CE steps on the Markov source. Two students from the same init see the
-    same 200 batches: KD (forward KL, alpha = 1, driven by `train.fit`) vs CE only."""
+    same 200 batches: KD (forward KL, alpha = 1, driven by `loop.fit`) vs CE only."""
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    opt = train.make_optimizer(lr=1e-2, total_steps=200, warmup_steps=10)
-    ce_step = train.jit_train_step(_TINY, opt, mesh)  # the teacher's and the CE student's
+    opt = steps.make_optimizer(lr=1e-2, total_steps=200, warmup_steps=10)
+    ce_step = steps.jit_ce_train_step(_TINY, opt, mesh)  # the teacher's and the CE student's
 
     def fresh(seed):
-        return _host(train.init_state(_TINY, opt, sharding.init_params(
+        return _host(steps.init_state(opt, sharding.init_params(
             _TINY, jax.random.key(seed), mesh)))
 
     teacher_state, source = fresh(10), _markov_batches(1)
@@ -328,7 +328,7 @@ def test_distilled_student_matches_teacher_better_than_ce_student(tmp_path):
 
     dcfg = step.DistillConfig(_TINY, _TINY, losses.LossSpec(chunk_size=16))
     with MetricWriter(str(tmp_path), tensorboard=False) as writer:
-        kd_state, tokens = train.fit(
+        kd_state, tokens = loop.fit(
             step.with_teacher(step.jit_train_step(dcfg, opt, mesh), teacher), kd_state,
             (batch for _, batch in student_batches), mesh=mesh, total_steps=200,
             writer=writer, log_every=50, progress=False)

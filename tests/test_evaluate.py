@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from cascade_jax import evaluate, lm, model, sharding, train
+from cascade_jax import evaluate, lm, model, sharding, steps
 from cascade_jax.config import ModelConfig
 
 TEACHER = ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -45,9 +45,9 @@ def test_teacher_metric_sums_match_numpy(models):
     kl = (np.exp(t_logp) * (t_logp - s_logp)).sum(-1)
     agree = s_logp.argmax(-1) == t_logp.argmax(-1)
     np.testing.assert_allclose(sums["loss_sum"], (nll * weights).sum(), rtol=1e-5)
-    np.testing.assert_allclose(sums["kl_sum"], (kl * weights).sum(), rtol=1e-4)
-    assert float(sums["agree_sum"]) == (agree * weights).sum()
-    assert float(sums["loss_count"]) == weights.sum()
+    np.testing.assert_allclose(sums["kl_to_teacher_sum"], (kl * weights).sum(), rtol=1e-4)
+    assert float(sums["top1_agreement_sum"]) == (agree * weights).sum()
+    assert float(sums["count"]) == weights.sum()
 
 
 def test_micro_batched_evaluation_equals_the_whole_batch(models):
@@ -56,8 +56,8 @@ def test_micro_batched_evaluation_equals_the_whole_batch(models):
     mesh = sharding.make_mesh(devices=jax.devices()[:2])
     batch = sharding.shard_batch(_batch(1), mesh)
     pairs = [
-        (train.jit_eval_step(STUDENT, mesh)(student, batch),
-         train.jit_eval_step(STUDENT, mesh, micro_batches=2)(student, batch)),
+        (steps.jit_eval_sums(STUDENT, mesh)(student, batch),
+         steps.jit_eval_sums(STUDENT, mesh, micro_batches=2)(student, batch)),
         (evaluate.jit_teacher_metric_sums(STUDENT, TEACHER, mesh)(student, teacher, batch),
          evaluate.jit_teacher_metric_sums(STUDENT, TEACHER, mesh, micro_batches=2)(
              student, teacher, batch)),
@@ -67,4 +67,4 @@ def test_micro_batched_evaluation_equals_the_whole_batch(models):
         for name in whole:
             np.testing.assert_allclose(micro[name], whole[name], rtol=1e-5, err_msg=name)
     with pytest.raises(ValueError, match="micro_batches=0 must be a positive integer"):
-        train.jit_eval_step(STUDENT, mesh, micro_batches=0)
+        steps.jit_eval_sums(STUDENT, mesh, micro_batches=0)

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cascade_jax import logits_cache, model, sharding, train
+from cascade_jax import logits_cache, loop, model, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses, step
 from cascade_jax.metrics import MetricWriter, read_metrics
@@ -64,7 +64,7 @@ def full_cache(teacher, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def optimizer():
-    return train.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=2)
+    return steps.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=2)
 
 
 # ------------------------------------------------------------------------ writing, reading
@@ -347,7 +347,7 @@ def test_sharded_cache_and_cached_step_equal_one_device(teacher, full_cache, opt
         for b in range(2):
             batch = {k: v[b * ROWS:(b + 1) * ROWS] for k, v in rows.items()}
             state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
-            seen.append(float(metrics["loss_sum"] / metrics["loss_count"]))
+            seen.append(float(metrics["loss_sum"] / metrics["count"]))
         results.append((seen, jax.device_get(state.params)))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -355,13 +355,13 @@ def test_sharded_cache_and_cached_step_equal_one_device(teacher, full_cache, opt
 
 
 def test_fit_drives_the_cached_step_from_the_dataset(full_cache, optimizer, tmp_path):
-    """The end-to-end path: cache_dataset's iterator -> train.fit -> jit_train_step_cached."""
+    """The end-to-end path: cache_dataset's iterator -> loop.fit -> jit_train_step_cached."""
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     dcfg = step.DistillConfig(STUDENT, TEACHER, SPEC)
     state = step.create_state(dcfg, optimizer, mesh, rng=jax.random.key(0))
     batches = iter(logits_cache.cache_dataset(full_cache, global_batch_size=ROWS, seed=1))
     with MetricWriter(str(tmp_path), tensorboard=False) as writer:
-        state, tokens = train.fit(step.jit_train_step_cached(dcfg, optimizer, mesh), state,
+        state, tokens = loop.fit(step.jit_train_step_cached(dcfg, optimizer, mesh), state,
                                   batches, mesh=mesh, total_steps=4, writer=writer,
                                   log_every=2, progress=False)
     assert int(state.step) == 4

@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 from ml_collections.config_dict import placeholder
 
-from cascade_jax import aot, cascade, sharding
+from cascade_jax import aot, cascade, runconfig, sharding
 from cascade_jax.config import ModelConfig
 from experiments import plan
 
@@ -18,14 +18,15 @@ ROOT = dict(vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, hea
             d_ff=128, tie_embeddings=False, max_seq_len=32)
 
 
-def _stage(**fields) -> ml_collections.ConfigDict:
-    stage = dict(parent="root", teacher="root", init="pruned", objective="kd",
+def _stage(objective: str = "kd", **fields) -> ml_collections.ConfigDict:
+    stage = dict(parent="root", teacher="root", init="pruned", objective=objective,
                  target={name: placeholder(int) for name in
                          ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads")},
-                 loss=dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=16),
                  depth_method="block_influence", head_method="within_group",
                  hidden_method="channel", steps=10, optim=dict(lr=1e-3, warmup_steps=1),
                  calib_batches=2, baseline=False)
+    if objective == "kd":
+        stage["kd"] = dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=16)
     stage.update(fields)
     return ml_collections.ConfigDict(stage)
 
@@ -78,7 +79,8 @@ def test_argument_bytes_match_the_sharded_sizes(rows):
                                       - row["alias_bytes"] + row["temp_bytes"])
         assert row["temp_bytes"] > 0
     assert rows["child"]["step"] == "distill" and rows["root"]["step"] == "train"
-    steps = {name: spec for name, _, spec in plan.planned_steps(tiny_config(), 8, 32)}
+    steps = {name: spec for name, _, spec in
+             plan.planned_steps(runconfig.cascade_config(tiny_config()), 8, 32)}
     assert steps["child_ce"].kind == "train" and steps["child_ce"].student.d_model == 32
 
 
@@ -98,7 +100,8 @@ def test_flops_grow_with_the_batch(rows):
 def test_exact_flops_equal_a_fully_unrolled_compile(rows):
     """Extrapolating over depth from 1- and 2-layer compiles gives the count of the step with
     every loop unrolled (which XLA counts right), at the real depths."""
-    spec = {name: spec for name, _, spec in plan.planned_steps(tiny_config(), 8, 32)}["child"]
+    spec = {name: spec for name, _, spec in
+            plan.planned_steps(runconfig.cascade_config(tiny_config()), 8, 32)}["child"]
     mesh = sharding.make_mesh(**MESH)
     flops = rows["child"]["flops"]  # aot.exact_flops
     depths = {name: cfg.n_layers for name, cfg in spec.models().items()}
@@ -114,7 +117,7 @@ def test_mesh_and_batch_resolution():
         "data": 1, "fsdp": 64, "tensor": 2}
     with pytest.raises(ValueError, match="must be >= 1"):
         plan.mesh_sizes({"data": 0, "fsdp": 1, "tensor": 1}, {})
-    config = tiny_config()
+    config = runconfig.cascade_config(tiny_config())
     assert plan.global_batch(config, {"data": 2, "fsdp": 4, "tensor": 2}, 3) == 24
     assert plan.global_batch(config, {"data": 2, "fsdp": 4, "tensor": 2}, None) == 8
     with pytest.raises(ValueError, match="does not split over the 8 batch shards"):
@@ -128,14 +131,14 @@ def test_mesh_and_batch_resolution():
 def test_child_shapes_follow_prune():
     """A PCA cut of d_model unties a tied parent (as prune.prune does); a bad target is named."""
     parent = ModelConfig(**{**ROOT, "tie_embeddings": True})
-    stage = cascade._stage_from_config("s", _stage(target=dict(d_model=32),
-                                                   hidden_method="pca"))
-    assert plan.child_model(parent, stage).tie_embeddings is False
-    stage = cascade._stage_from_config("s", _stage(target=dict(d_model=32)))
-    assert plan.child_model(parent, stage).tie_embeddings is True
-    stage = cascade._stage_from_config("s", _stage(target=dict(d_ff=4096)))
-    with pytest.raises(ValueError, match="exceeds the parent's d_ff=128"):
-        plan.child_model(parent, stage)
+    stage = runconfig.stage_config("s", _stage(target=dict(d_model=32), hidden_method="pca"))
+    assert cascade.child_model(parent, stage).tie_embeddings is False
+    stage = runconfig.stage_config("s", _stage(target=dict(d_model=32)))
+    assert cascade.child_model(parent, stage).tie_embeddings is True
+    stage = runconfig.stage_config("s", _stage(target=dict(d_ff=4096)))
+    with pytest.raises(ValueError, match=r"config\.stages\.s\.target: .*exceeds the parent's "
+                                         r"d_ff=128"):
+        cascade.child_model(parent, stage)
 
 
 def test_configs_of_the_published_recipes_plan_their_shapes():
@@ -146,13 +149,14 @@ def test_configs_of_the_published_recipes_plan_their_shapes():
                                        "ministral_8b": 8.49, "ministral_3b": 3.43}),
                          (minitron_llama31, {"root": 8.03, "minitron_4b_width": 4.51,
                                              "minitron_4b_depth": 4.54})):
-        steps = plan.planned_steps(module.get_config(), 64, 128)
+        steps = plan.planned_steps(runconfig.cascade_config(module.get_config()), 64, 128)
         got = {name: round(spec.student.num_params() / 1e9, 2) for name, _, spec in steps}
         assert got == want
         assert all(teacher in ("", "root") for _, teacher, _ in steps)
         assert all(math.isclose(spec.distill.loss.temperature, 1.0) for _, _, spec in steps
                    if spec.distill)
     tied = {name: spec.student.tie_embeddings
-            for name, _, spec in plan.planned_steps(ministral3.get_config(), 64, 128)}
+            for name, _, spec in plan.planned_steps(
+                runconfig.cascade_config(ministral3.get_config()), 64, 128)}
     assert tied == {"root": False, "ministral_14b": False, "ministral_8b": False,
                     "ministral_3b": True}  # the published 3B is tied, its parents are not

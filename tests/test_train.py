@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from cascade_jax import lm, sharding, train
+from cascade_jax import lm, loop, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.metrics import MetricWriter, read_metrics
 
@@ -52,7 +52,7 @@ def test_cross_entropy_matches_numpy():
 
 
 def test_optimizer_warms_up_then_decays_and_skips_decay_on_norms():
-    opt = train.make_optimizer(lr=1.0, total_steps=10, warmup_steps=2, min_lr_ratio=0.1,
+    opt = steps.make_optimizer(lr=1.0, total_steps=10, warmup_steps=2, min_lr_ratio=0.1,
                                weight_decay=0.5, clip_norm=None)
     params = {"w": np.ones((2, 2), np.float32), "scale": np.ones((2,), np.float32)}
     zero_grads = jax.tree.map(np.zeros_like, params)
@@ -65,29 +65,29 @@ def test_optimizer_warms_up_then_decays_and_skips_decay_on_norms():
     np.testing.assert_allclose(updates["w"], -0.5 * 0.5 * np.ones((2, 2)), rtol=1e-6)
     np.testing.assert_array_equal(updates["scale"], 0.0)
     with pytest.raises(ValueError, match="total_steps=5 must exceed warmup_steps=5"):
-        train.make_optimizer(lr=1.0, total_steps=5, warmup_steps=5)
+        steps.make_optimizer(lr=1.0, total_steps=5, warmup_steps=5)
 
 
 @pytest.fixture(scope="module")
 def optimizer():
-    return train.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=5)
+    return steps.make_optimizer(lr=1e-2, total_steps=100, warmup_steps=5)
 
 
-def _run_steps(optimizer, mesh, steps, grad_accum=1):
-    state = train.create_state(CFG, optimizer, jax.random.key(0), mesh)
-    step_fn = train.jit_train_step(CFG, optimizer, mesh, grad_accum=grad_accum)
+def _run_steps(optimizer, mesh, n_steps, grad_accum=1):
+    state = steps.create_state(CFG, optimizer, jax.random.key(0), mesh)
+    step_fn = steps.jit_ce_train_step(CFG, optimizer, mesh, grad_accum=grad_accum)
     losses = []
-    for i in range(steps):
+    for i in range(n_steps):
         state, metrics = step_fn(state, sharding.shard_batch(_pattern_batch(i % 3), mesh))
-        losses.append(float(metrics["loss_sum"] / metrics["loss_count"]))
+        losses.append(float(metrics["loss_sum"] / metrics["count"]))
     return state, losses
 
 
 def test_sharded_steps_equal_single_device(optimizer):
     single, single_losses = _run_steps(optimizer, sharding.make_mesh(devices=jax.devices()[:1]),
-                                       steps=5)
+                                       n_steps=5)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded, sharded_losses = _run_steps(optimizer, mesh, steps=5)
+    sharded, sharded_losses = _run_steps(optimizer, mesh, n_steps=5)
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
     mu = sharded.opt_state[1][0].mu["layers"]["mlp"]["w_up"]
     assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -100,25 +100,25 @@ def test_grad_accumulation_equals_the_whole_batch_step(optimizer):
     """4 micro-batches of 2 rows (sharded over 2 data-parallel devices) vs one step on all 8
     rows on one device: the same token-weighted mean gradient, so the same training."""
     whole, whole_losses = _run_steps(optimizer, sharding.make_mesh(devices=jax.devices()[:1]),
-                                     steps=3)
+                                     n_steps=3)
     accumulated, accumulated_losses = _run_steps(
-        optimizer, sharding.make_mesh(data=2, devices=jax.devices()[:2]), steps=3, grad_accum=4)
+        optimizer, sharding.make_mesh(data=2, devices=jax.devices()[:2]), n_steps=3, grad_accum=4)
     np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  jax.device_get(accumulated.params), jax.device_get(whole.params))
     with pytest.raises(ValueError, match="grad_accum=0 must be a positive integer"):
-        train.jit_train_step(CFG, optimizer, sharding.make_mesh(devices=jax.devices()[:1]),
+        steps.jit_ce_train_step(CFG, optimizer, sharding.make_mesh(devices=jax.devices()[:1]),
                              grad_accum=0)
 
 
 def test_fit_loss_falls_and_writes_metrics(optimizer, tmp_path):
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    state = train.create_state(CFG, optimizer, jax.random.key(0), mesh)
+    state = steps.create_state(CFG, optimizer, jax.random.key(0), mesh)
     batches = (_pattern_batch(i % 3) for i in range(10**6))
     saved = []
     with MetricWriter(str(tmp_path)) as writer:
-        state, tokens = train.fit(
-            train.jit_train_step(CFG, optimizer, mesh), state, batches, mesh=mesh,
+        state, tokens = loop.fit(
+            steps.jit_ce_train_step(CFG, optimizer, mesh), state, batches, mesh=mesh,
             total_steps=40, writer=writer, log_every=10, eval_every=20,
             evaluate_fn=lambda p: {"loss": 0.0}, checkpoint_every=20,
             save_fn=lambda step, s, t: saved.append((step, t)), progress=False)
@@ -133,14 +133,14 @@ def test_fit_loss_falls_and_writes_metrics(optimizer, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_saves_nothing(tmp_path):
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    opt = train.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1)
-    state = train.create_state(CFG, opt, jax.random.key(0), mesh)
+    opt = steps.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1)
+    state = steps.create_state(CFG, opt, jax.random.key(0), mesh)
     poisoned = jax.tree.map(lambda p: p * np.nan, state.params)
     state = state.replace(params=poisoned)
     saved = []
     with MetricWriter(str(tmp_path), tensorboard=False) as writer, pytest.raises(
-            train.NonFiniteLossError, match="loss is nan at step 1; stopped without saving"):
-        train.fit(train.jit_train_step(CFG, opt, mesh), state,
+            loop.NonFiniteLossError, match="loss is nan at step 1; stopped without saving"):
+        loop.fit(steps.jit_ce_train_step(CFG, opt, mesh), state,
                   iter([_pattern_batch(0)] * 10), mesh=mesh, total_steps=10, writer=writer,
                   checkpoint_every=1, save_fn=lambda *a: saved.append(a), progress=False)
     assert saved == []
@@ -172,7 +172,7 @@ def test_metric_records_are_json_lines(tmp_path):
 def test_optimizer_state_sharding_follows_params():
     opt = optax.adamw(1e-3)
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
-    shardings = train.state_shardings(CFG, opt, mesh)
+    shardings = steps.model_state_shardings(CFG, opt, mesh)
     assert shardings.opt_state[0].mu["layers"]["attn"]["wq"].spec == \
         shardings.params["layers"]["attn"]["wq"].spec
     assert shardings.opt_state[0].count.spec == jax.sharding.PartitionSpec()

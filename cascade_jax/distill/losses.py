@@ -22,16 +22,16 @@ applied to every divergence alike. The divergences D (`LossSpec.kind`):
   Liger at an interior β, multiply by β(1 − β).
 - 'tvd'         total variation ½ Σ |p − s|.
 
-Fused and chunked (`distill_loss`): Liger Kernel's "fused linear" idea (RECIPES.md: −85% memory
-at V = 128256) in JAX. Logits are made chunk by chunk over L from the final hidden states and
-the [D, V] head weights inside a `lax.scan`. Under differentiation a `custom_vjp` takes, in the
-same pass, the gradient w.r.t. each chunk's student logits (`jax.vjp` of the chunk's loss) and
-turns it into the chunk's hidden-state gradient and a float32 running sum of the head's
-gradient, so no [B, L, V] array is ever live and no logits are made twice: 4 [B·L, D]×[D, V]
-matmuls, as many as the naive loss (a `jax.checkpoint`ed scan would need 6). The primal
-(no-gradient) path is a plain scan. Only `loss` is differentiable through the fused path (the
-metric sums come back under `stop_gradient`), and only in reverse mode (`grad`, `vjp`; not
-`jvp`), like any `custom_vjp`.
+Fused and chunked (`distill_loss`): Liger Kernel's "fused linear" idea (Hsu et al., arXiv
+2410.10989: −85% memory at V = 128256) in JAX. Logits are made chunk by chunk over L from the
+final hidden states and the [D, V] head weights inside a `lax.scan`. Under differentiation a
+`custom_vjp` takes, in the same pass, the gradient w.r.t. each chunk's student logits
+(`jax.vjp` of the chunk's loss) and turns it into the chunk's hidden-state gradient and a
+float32 running sum of the head's gradient, so no [B, L, V] array is ever live and no logits
+are made twice: 4 [B·L, D]×[D, V] matmuls, as many as the naive loss (a `jax.checkpoint`ed scan
+would need 6). The primal (no-gradient) path is a plain scan. Only `loss` is differentiable
+through the fused path (the metric sums come back under `stop_gradient`), and only in reverse
+mode (`grad`, `vjp`; not `jvp`), like any `custom_vjp`.
 
 Sparse teacher targets (`sparse_distill_loss`), for offline distillation from a cache:
 - 'topk'     teacher top-k (indices, log-probs). The student is renormalised on the teacher's
@@ -46,9 +46,10 @@ Sparse teacher targets (`sparse_distill_loss`), for offline distillation from a 
   T²·KL(p_T‖s_T), and its gradient w.r.t. the student logits, T·(s_T − counts/n), has
   expectation T·(s_T − p_T), the dense gradient. Forward KL only (the estimator is linear in p).
 
-Metrics are token-weighted sums (`loss_sum`, `kd_sum` (T² included), `ce_sum`, `agree_sum`
-(student argmax == teacher argmax), `count`), so averages over chunks, hosts and steps weigh
-by tokens (MaxText's distillation_utils keeps (sum, count) pairs the same way).
+Metrics are token-weighted sums (`loss_sum`, `kd_sum` (the configured divergence, T²
+included), `ce_sum`, `top1_agreement_sum` (student argmax == teacher argmax), `count`), so
+averages over chunks, hosts and steps weigh by tokens (MaxText's distillation_utils keeps
+(sum, count) pairs the same way).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cascade_jax import lm
+from cascade_jax import chunks, lm
 
 Metrics = dict[str, jax.Array]
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
 SPARSE_MODES = ("topk", "sampled")
-METRIC_NAMES = ("loss_sum", "kd_sum", "ce_sum", "agree_sum", "count")
+METRIC_NAMES = ("loss_sum", "kd_sum", "ce_sum", "top1_agreement_sum", "count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,7 @@ def _objective_sums(objective: _Objective, s_logits_BLV: jax.Array,
         "loss_sum": alpha * kd_sum + (1.0 - alpha) * ce_sum,
         "kd_sum": kd_sum,
         "ce_sum": ce_sum,
-        "agree_sum": lm.correct_top1(s_logits_BLV, teacher_top_BL, weights_BL),
+        "top1_agreement_sum": lm.correct_top1(s_logits_BLV, teacher_top_BL, weights_BL),
         "count": count,
     }
 
@@ -225,23 +226,14 @@ def _chunk_teacher(objective: _Objective, teacher_BC: tuple[jax.Array, ...],
     return teacher_BC
 
 
-def _to_chunks(x_BL: jax.Array, chunk: int, n_chunks: int) -> jax.Array:
-    """[B, L, ...] → [n_chunks, B, chunk, ...], zero-padded at the end of L."""
-    pad = n_chunks * chunk - x_BL.shape[1]
-    x_BL = jnp.pad(x_BL, [(0, 0), (0, pad)] + [(0, 0)] * (x_BL.ndim - 2))
-    x_BnC = x_BL.reshape(x_BL.shape[0], n_chunks, chunk, *x_BL.shape[2:])
-    return jnp.swapaxes(x_BnC, 0, 1)
-
-
 def _scan_chunks(objective: _Objective, with_grads: bool, s_h_BLD: jax.Array,
                  s_w_DV: jax.Array, teacher_BL: tuple[jax.Array, ...],
                  teacher_shared: tuple[jax.Array, ...], targets_BL: jax.Array,
                  weights_BL: jax.Array) -> tuple[Metrics, Any]:
     """Sums over all chunks; with `with_grads`, also d loss_sum / d (student hidden, head)."""
-    batch, length = targets_BL.shape
-    chunk = min(objective.spec.chunk_size or length, length)
-    n_chunks = -(-length // chunk)
-    xs = jax.tree.map(lambda x: _to_chunks(x, chunk, n_chunks),
+    length = targets_BL.shape[1]
+    chunk, _ = chunks.count(length, objective.spec.chunk_size)
+    xs = jax.tree.map(lambda x: chunks.split(x, chunk),
                       (s_h_BLD, teacher_BL, targets_BL, weights_BL.astype(jnp.float32)))
     # Cast the head once, not once per chunk (the model's `unembed` casts it the same way).
     w_DV = s_w_DV.astype(s_h_BLD.dtype)
@@ -283,7 +275,7 @@ def _scan_chunks(objective: _Objective, with_grads: bool, s_h_BLD: jax.Array,
 
     dw0_DV = jnp.zeros(s_w_DV.shape, jnp.float32)
     (sums, dw_DV), dh_nBCD = jax.lax.scan(grad_body, (zero_sums, dw0_DV), xs)
-    dh_BLD = jnp.swapaxes(dh_nBCD, 0, 1).reshape(batch, n_chunks * chunk, -1)[:, :length]
+    dh_BLD = chunks.merge(dh_nBCD, length)
     return sums, (dh_BLD, dw_DV)
 
 
@@ -411,7 +403,7 @@ def sparse_distill_loss(student_hidden_BLD: jax.Array, student_head_DV: jax.Arra
       are re-tempered and renormalised over the k entries here), any `spec.kind`.
     mode='sampled': draws from `sample_teacher_targets` made at `temperature=spec.temperature`
       (log-probs of the tempered teacher); forward KL only; unbiased (module docstring).
-    `agree_sum` compares with the most probable of the k teacher tokens.
+    `top1_agreement_sum` compares with the most probable of the k teacher tokens.
     """
     if mode not in SPARSE_MODES:
         raise ValueError(f"mode={mode!r} is not a sparse target mode; choose from "

@@ -5,8 +5,8 @@ child from a teacher with forward KL on logits. This module is that step and not
 
 * `train_step(dcfg, optimizer, state, teacher_params, batch) -> (state, metrics)` is pure. The
   teacher is an argument, not state: it is never differentiated (`stop_gradient`), never given
-  optimizer state, never changed. The student is a `train.TrainState` (AdamW, warmup-cosine,
-  clipping from `train.make_optimizer`), so checkpoints and `train.fit` work unchanged.
+  optimizer state, never changed. The student is a `steps.TrainState` (AdamW, warmup-cosine,
+  clipping from `steps.make_optimizer`), so checkpoints and `loop.fit` work unchanged.
 * Gradient accumulation over `grad_accum` micro-batches sums token-weighted losses and divides
   once by the whole batch's token count: k micro-batches give the gradient of one big batch.
 * Mixed precision: `cfg.replace(dtype='bfloat16')` computes matmuls in bf16 while params (the
@@ -24,7 +24,8 @@ Offline distillation: `train_step_cached(dcfg, optimizer, state, batch)` and
 `jit_train_step_cached` take no teacher at all; each batch carries the teacher's sparse targets
 (`teacher_idx`, `teacher_logprobs` [B, L, k], from `logits_cache.cache_dataset`) and the
 student is trained against them with the fused `losses.sparse_distill_loss`. Both steps share
-gradient accumulation (`train.accumulate_grads`) and the update (`_apply_grads`).
+gradient accumulation (`steps.accumulate_grads`) and the update (`steps.apply_grads`) with every
+other objective.
 
 Student params are the model's param tree, or `{'model': <tree>, 'proj': [D, T]}` when hidden
 distillation needs a projection (`student_model_params` returns the model part either way).
@@ -43,13 +44,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from cascade_jax import lm, model, sharding, train
+from cascade_jax import lm, model, sharding, steps, validate
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-StepFn = Callable[[train.TrainState, model.Params, Batch], tuple[train.TrainState, Metrics]]
+StepFn = Callable[[steps.TrainState, model.Params, Batch], tuple[steps.TrainState, Metrics]]
 
 HIDDEN_KINDS = ("mse", "cosine")
 _PROJ_AXES = PartitionSpec("embed", None)  # [D_student, D_teacher]: D_student like the params
@@ -105,9 +106,7 @@ class DistillConfig:
                 "distributions token by token, so both models need the same tokenizer; "
                 "distil from a teacher with the student's vocabulary (or resize the student's "
                 "embeddings and head to the teacher's)")
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
-            raise ValueError(f"grad_accum={self.grad_accum!r} must be a positive integer "
-                             "(1 = no accumulation)")
+        validate.positive_int("grad_accum", self.grad_accum, "1 = no accumulation")
         if self.hidden is not None:
             layer_map, n_s, n_t = self.hidden.layer_map, self.student.n_layers, \
                 self.teacher.n_layers
@@ -172,18 +171,10 @@ def param_shardings(dcfg: DistillConfig, mesh: Mesh,
 
 
 def state_shardings(dcfg: DistillConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules: Any = sharding.DEFAULT_RULES) -> train.TrainState:
+                    rules: Any = sharding.DEFAULT_RULES) -> steps.TrainState:
     """Shardings of the student's `TrainState` (moments sharded like their params)."""
-    if not dcfg.has_proj:
-        return train.state_shardings(dcfg.student, optimizer, mesh, rules)
-    # The same construction as `train.state_shardings`, over the {'model', 'proj'} tree.
-    params_sh = param_shardings(dcfg, mesh, rules)
-    replicated = sharding.replicated(mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, param_shapes(dcfg))
-    opt_sh = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, params_sh,
-        transform_non_params=lambda _: replicated)
-    return train.TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
+    return steps.state_shardings(optimizer, param_shapes(dcfg),
+                                 param_shardings(dcfg, mesh, rules), mesh)
 
 
 def teacher_shardings(dcfg: DistillConfig, mesh: Mesh,
@@ -195,7 +186,7 @@ def teacher_shardings(dcfg: DistillConfig, mesh: Mesh,
 def create_state(dcfg: DistillConfig, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                  rng: jax.Array, model_params: model.Params | None = None,
                  proj: jax.Array | None = None,
-                 rules: Any = sharding.DEFAULT_RULES) -> train.TrainState:
+                 rules: Any = sharding.DEFAULT_RULES) -> steps.TrainState:
     """The student's state, placed into its shards.
 
     `model_params` is the pruned child (None: a random init from `rng`, the baseline that
@@ -204,13 +195,12 @@ def create_state(dcfg: DistillConfig, optimizer: optax.GradientTransformation, m
     shardings = state_shardings(dcfg, optimizer, mesh, rules)
     init_rng, proj_rng = jax.random.split(rng)
 
-    def make(model_params: model.Params | None, proj: jax.Array | None) -> train.TrainState:
+    def make(model_params: model.Params | None, proj: jax.Array | None) -> steps.TrainState:
         if model_params is None:
             model_params = model.init(dcfg.student, init_rng)
         if dcfg.has_proj and proj is None:
             proj = init_proj(dcfg, proj_rng)
-        return train.init_state(dcfg.student, optimizer,
-                                student_params(dcfg, model_params, proj))
+        return steps.init_state(optimizer, student_params(dcfg, model_params, proj))
 
     return jax.jit(make, out_shardings=shardings)(model_params, proj)
 
@@ -254,12 +244,9 @@ def _hidden_loss_BL(hidden: HiddenDistill, student_NBLD: jax.Array, teacher_NBLT
 
 
 def _as_sum(loss: jax.Array, metrics: Metrics) -> tuple[jax.Array, Metrics]:
-    """(mean loss, sums with `count`) -> (loss SUM to differentiate, sums with `loss_count`)."""
+    """(mean loss, sums with `count`) -> (loss SUM to differentiate, the same sums)."""
     count = jax.lax.stop_gradient(metrics["count"])
-    objective = loss * count  # the mean times its (constant) denominator: the weighted sum
-    metrics = {name: value for name, value in metrics.items() if name != "count"}
-    metrics["loss_count"] = count
-    return objective, metrics
+    return loss * count, metrics  # the mean times its (constant) denominator: the weighted sum
 
 
 def loss_sum_and_metrics(dcfg: DistillConfig, params: model.Params, teacher_params: model.Params,
@@ -267,7 +254,7 @@ def loss_sum_and_metrics(dcfg: DistillConfig, params: model.Params, teacher_para
     """(token-weighted loss SUM to differentiate, metrics as sums) for one (micro-)batch.
 
     A sum rather than a mean so micro-batches add up exactly; `compute_grads` divides by the
-    total token count once. The metrics carry `loss_count` (= tokens counted) for `train.fit`.
+    total token count once. The metrics carry `count` (= tokens counted) for `loop.fit`.
     """
     teacher_params = jax.lax.stop_gradient(teacher_params)
     targets_BL, weights_BL = lm.next_token_targets(batch)
@@ -307,27 +294,18 @@ def compute_grads(dcfg: DistillConfig, params: model.Params, teacher_params: mod
     def loss_fn(params: model.Params, micro_batch: Batch) -> tuple[jax.Array, Metrics]:
         return loss_sum_and_metrics(dcfg, params, teacher_params, micro_batch)
 
-    return train.accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
+    return steps.accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
 
 
 # -------------------------------------------------------------------------------- the step
 
 
 def train_step(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
-               state: train.TrainState, teacher_params: model.Params, batch: Batch
-               ) -> tuple[train.TrainState, Metrics]:
+               state: steps.TrainState, teacher_params: model.Params, batch: Batch
+               ) -> tuple[steps.TrainState, Metrics]:
     """One optimizer step of the student; the teacher is read, never written."""
     grads, metrics = compute_grads(dcfg, state.params, teacher_params, batch)
-    return _apply_grads(optimizer, state, grads, metrics)
-
-
-def _apply_grads(optimizer: optax.GradientTransformation, state: train.TrainState,
-                 grads: model.Params, metrics: Metrics) -> tuple[train.TrainState, Metrics]:
-    """The optimizer update both steps end with; `grad_norm` joins the metrics."""
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return train.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return steps.apply_grads(optimizer, state, grads, metrics)
 
 
 def jit_train_step(dcfg: DistillConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -338,20 +316,16 @@ def jit_train_step(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
     not divide a sharded dimension fails here, naming the param); the batch is split over
     data × fsdp; the incoming student state is donated, the teacher is not.
     """
-    state_sh = state_shardings(dcfg, optimizer, mesh, rules)
-    return jax.jit(sharding.traced_on_mesh(functools.partial(train_step, dcfg, optimizer),
-                                           mesh, rules),
-                   in_shardings=(state_sh, teacher_shardings(dcfg, mesh, rules),
-                                 sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sh, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+    return steps.jit_step(functools.partial(train_step, dcfg, optimizer),
+                          state_shardings(dcfg, optimizer, mesh, rules), mesh,
+                          frozen_shardings=(teacher_shardings(dcfg, mesh, rules),), rules=rules)
 
 
 def with_teacher(step_fn: StepFn, teacher_params: model.Params
-                 ) -> Callable[[train.TrainState, Batch], tuple[train.TrainState, Metrics]]:
-    """`(state, batch) -> (state, metrics)` with the teacher bound: what `train.fit` drives."""
+                 ) -> Callable[[steps.TrainState, Batch], tuple[steps.TrainState, Metrics]]:
+    """`(state, batch) -> (state, metrics)` with the teacher bound: what `loop.fit` drives."""
 
-    def step(state: train.TrainState, batch: Batch) -> tuple[train.TrainState, Metrics]:
+    def step(state: steps.TrainState, batch: Batch) -> tuple[steps.TrainState, Metrics]:
         return step_fn(state, teacher_params, batch)
 
     return step
@@ -403,31 +377,26 @@ def compute_grads_cached(dcfg: DistillConfig, params: model.Params, batch: Batch
                          mode: str = "topk") -> tuple[model.Params, Metrics]:
     """`compute_grads` (same accumulation over `dcfg.grad_accum`) with cached targets."""
     loss_fn = functools.partial(cached_loss_sum_and_metrics, dcfg, mode=mode)
-    return train.accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
+    return steps.accumulate_grads(loss_fn, dcfg.grad_accum, params, batch)
 
 
 def train_step_cached(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
-                      state: train.TrainState, batch: Batch, *, mode: str = "topk"
-                      ) -> tuple[train.TrainState, Metrics]:
+                      state: steps.TrainState, batch: Batch, *, mode: str = "topk"
+                      ) -> tuple[steps.TrainState, Metrics]:
     """One optimizer step of the student on a batch carrying its teacher targets (`mode`:
     'topk' or 'sampled', the cache's `CacheInfo.mode`); no teacher params at all."""
     grads, metrics = compute_grads_cached(dcfg, state.params, batch, mode=mode)
-    return _apply_grads(optimizer, state, grads, metrics)
+    return steps.apply_grads(optimizer, state, grads, metrics)
 
 
 def jit_train_step_cached(dcfg: DistillConfig, optimizer: optax.GradientTransformation,
                           mesh: Mesh, rules: Any = sharding.DEFAULT_RULES, *,
                           mode: str = "topk"
-                          ) -> Callable[[train.TrainState, Batch],
-                                        tuple[train.TrainState, Metrics]]:
+                          ) -> Callable[[steps.TrainState, Batch],
+                                        tuple[steps.TrainState, Metrics]]:
     """`train_step_cached` compiled for `mesh`: `(state, batch) -> (state, metrics)`, what
-    `train.fit` drives. The batch (targets [B, L, k] included) is split over data × fsdp;
+    `loop.fit` drives. The batch (targets [B, L, k] included) is split over data × fsdp;
     the incoming state is donated."""
     _check_cached_config(dcfg, mode)
-    state_sh = state_shardings(dcfg, optimizer, mesh, rules)
-    return jax.jit(sharding.traced_on_mesh(
-                       functools.partial(train_step_cached, dcfg, optimizer, mode=mode),
-                       mesh, rules),
-                   in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sh, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+    return steps.jit_step(functools.partial(train_step_cached, dcfg, optimizer, mode=mode),
+                          state_shardings(dcfg, optimizer, mesh, rules), mesh, rules=rules)

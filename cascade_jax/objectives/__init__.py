@@ -1,0 +1,57 @@
+"""Stage objectives as plug-ins, looked up by name.
+
+    objective = objectives.get("kd")           # what `stages.<name>.objective` names
+    objectives.register(MyObjective())         # a new one: its module, this line, its tests
+
+Built in: `ce` (next-token cross-entropy on the run's data) and `kd` (soft-label distillation
+from the stage's teacher, the fused loss of `cascade_jax.distill`). See `objectives.base` for
+the contract; `cascade.py` never branches on an objective.
+"""
+
+from __future__ import annotations
+
+from cascade_jax.objectives.base import Built, Objective, StageContext, Trained
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective, *, replace: bool = False) -> Objective:
+    """Make `objective` available to configs under `objective.name`."""
+    name = objective.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"objective name {name!r} must be an identifier (it names a config "
+                         "block)")
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not objective:
+        raise ValueError(f"an objective named {name!r} is already registered "
+                         f"({type(_REGISTRY[name]).__name__}); pick another name or pass "
+                         "replace=True")
+    _REGISTRY[name] = objective
+    return objective
+
+
+def unregister(name: str) -> None:
+    """Remove a registered objective (tests that register a toy one clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Objective:
+    if name not in _REGISTRY:
+        raise ValueError(f"objective={name!r} is not registered; choose one of {names()}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _register_builtins() -> None:
+    from cascade_jax.objectives import ce, kd
+
+    register(ce.CrossEntropy())
+    register(kd.SoftLabelKD())
+
+
+_register_builtins()
+
+__all__ = ["Built", "Objective", "StageContext", "Trained", "get", "names", "register",
+           "unregister"]

@@ -1,0 +1,99 @@
+"""What a stage objective is: the contract between `cascade` and one objective module.
+
+A stage is (how the child starts) × (what it trains on). The cascade makes the child (pruned,
+random or the parent as is), finds its teacher, and hands both to the stage's objective as a
+`StageContext`; the objective returns a `Built`: its jitted step, the state it starts from
+(fresh or restored), the batches it consumes, and how to read the child's decoder params back
+out of its state. The cascade then runs the shared loop (`loop.fit_with_checkpoints`),
+evaluates and records the stage, with no branch on which objective it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from cascade_jax import model
+from cascade_jax.config import ModelConfig
+from cascade_jax.steps import Batch, Metrics, TrainState
+
+
+@dataclasses.dataclass
+class Trained:
+    """A finished model of the run: its config, params (sharded) and where it lives."""
+
+    name: str
+    cfg: ModelConfig
+    params: model.Params
+    directory: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """Everything an objective may use to build its training.
+
+    `child_params` is None for a random init (the objective initialises from `rng`).
+    `train_batches()` makes the run's training iterator (packed LM batches, checkpointable);
+    `settings` is what the objective's own `parse_settings` returned for this stage.
+    """
+
+    stage_name: str
+    student: ModelConfig
+    child_params: model.Params | None
+    teacher: Trained | None
+    settings: Any
+    mesh: Mesh
+    optimizer: optax.GradientTransformation
+    rng: jax.Array
+    grad_accum: int
+    train_batches: Callable[[], Iterator[dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """An objective's training, ready for the loop.
+
+    step_fn: `(state, host-sharded batch) -> (state, metric sums with `loss_sum` and `count`)`.
+    abstract_state: ShapeDtypeStructs with shardings, the checkpoint restore target.
+    make_state: the fresh state (only called when there is no checkpoint to resume).
+    batches: the iterator the step consumes; its position is checkpointed with the state.
+    model_params: state params -> the child's decoder params (what the next stage prunes).
+    lineage: extra metadata saved with every checkpoint of the stage.
+    """
+
+    step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    abstract_state: TrainState
+    make_state: Callable[[], TrainState]
+    batches: Iterator[dict[str, Any]]
+    model_params: Callable[[Any], model.Params] = lambda params: params
+    lineage: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """One stage objective. `name` is what configs write (`objective='kd'`) and the name of
+    its settings block; `loss_label` says what its training `loss` measures (plots keep
+    objectives with different labels on separate axes); `uses_teacher` tells the cascade
+    whether the stage's teacher must be loaded for training (it is always used to evaluate)."""
+
+    name: str
+    loss_label: str
+    uses_teacher: bool
+
+    def parse_settings(self, block: Mapping[str, Any], key: str) -> Any:
+        """The validated settings from the stage's `<name>` config block (errors name `key`)."""
+        ...
+
+    def build(self, ctx: StageContext) -> Built:
+        """The step, states and batches of a stage trained by this objective."""
+        ...
+
+    def step_spec(self, student: ModelConfig, teacher: ModelConfig | None, settings: Any, *,
+                  optimizer: optax.GradientTransformation, batch_size: int, seq_len: int,
+                  grad_accum: int) -> Any:
+        """The `aot.StepSpec` of this objective's step, for planning memory before launch."""
+        ...

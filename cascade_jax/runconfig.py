@@ -1,0 +1,422 @@
+"""The run config, typed once at the boundary.
+
+`experiments/` mains read an `ml_collections.ConfigDict` from `--config`; `train_run_config`
+and `cascade_config` turn it into the frozen dataclasses below, and the library only ever sees
+those. Every field is checked in `__post_init__` with the shared validators of
+`cascade_jax.validate`, and every message names the key as the user types it on the command
+line (`config.stages.child.grad_accum=True must be a positive integer`), before any work.
+
+A stage's objective-specific settings live in a block named after the objective
+(`stages.child.kd = dict(kind='forward_kl', ...)`), parsed and validated by that objective
+(`cascade_jax.objectives`); the stage itself never looks inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from cascade_jax import objectives, validate
+from cascade_jax.config import ModelConfig
+from cascade_jax.data import DataConfig
+from cascade_jax.prune import Target
+from cascade_jax.prune import surgery as _surgery
+
+ROOT = "root"
+ROOT_KINDS = ("scratch", "hf", "orbax")
+INITS = ("pruned", "random", "parent")
+PARENT = "parent"  # teacher = the stage's parent
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def as_dict(block: Any, key: str) -> dict[str, Any]:
+    """A config block (ConfigDict, dict or None) as a plain dict."""
+    if block is None:
+        return {}
+    if hasattr(block, "to_dict"):
+        return block.to_dict()
+    if isinstance(block, Mapping):
+        return dict(block)
+    raise ValueError(f"{key}={block!r} must be a block of fields (a dict)")
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; -1 fills one axis with the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    key: str = dataclasses.field(default="config.mesh", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if value != -1:
+                validate.positive_int(_key(self.key, name), value,
+                                      "or -1 for the remaining devices")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ValueError(f"{self.key}: only one of data={self.data}, fsdp={self.fsdp}, "
+                             f"tensor={self.tensor} may be -1")
+
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + warmup-cosine settings (`steps.make_optimizer`); the step count is the stage's."""
+
+    lr: float | None = None  # required: a learning rate is never a silent default
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    key: str = dataclasses.field(default="config.optim", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        if self.lr is None:
+            raise ValueError(f"{_key(k, 'lr')} is not set; give the peak learning rate, e.g. "
+                             f"--{_key(k, 'lr')}=1e-4")
+        validate.positive_number(_key(k, "lr"), self.lr)
+        validate.non_negative_int(_key(k, "warmup_steps"), self.warmup_steps)
+        validate.number(_key(k, "min_lr_ratio"), self.min_lr_ratio, low=0.0, high=1.0)
+        validate.number(_key(k, "weight_decay"), self.weight_decay, low=0.0)
+        for name in ("b1", "b2"):
+            validate.number(_key(k, name), getattr(self, name), low=0.0, high=1.0,
+                            high_open=True)
+        validate.positive_number(_key(k, "eps"), self.eps)
+        if self.clip_norm is not None:
+            validate.positive_number(_key(k, "clip_norm"), self.clip_norm, "or None: no clipping")
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "key"}
+
+    def check_steps(self, steps: int, steps_key: str) -> None:
+        if steps <= self.warmup_steps:
+            raise ValueError(f"{steps_key}={steps} must exceed {_key(self.key, 'warmup_steps')}"
+                             f"={self.warmup_steps}")
+
+
+def _optim(block: Any, key: str) -> OptimConfig:
+    values = as_dict(block, key)
+    validate.known_keys(key, values, [f.name for f in dataclasses.fields(OptimConfig)
+                                      if f.name != "key"])
+    return OptimConfig(**values, key=key)
+
+
+def _mesh(block: Any, key: str = "config.mesh") -> MeshConfig:
+    values = as_dict(block, key)
+    validate.known_keys(key, values, ("data", "fsdp", "tensor"))
+    return MeshConfig(**values, key=key)
+
+
+def _data(block: Any, key: str = "config.data") -> DataConfig:
+    values = as_dict(block, key)
+    validate.known_keys(key, values, [f.name for f in dataclasses.fields(DataConfig)
+                                      if f.name != "key"])
+    return DataConfig(**values, key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How often the loop logs, evaluates and checkpoints (in steps; 0 = only at the end)."""
+
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    eval_micro_batches: int = 1
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    key: str = dataclasses.field(default="config", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        validate.positive_int(_key(k, "log_every"), self.log_every)
+        validate.non_negative_int(_key(k, "eval_every"), self.eval_every,
+                                  "0 = evaluate only at the end")
+        validate.non_negative_int(_key(k, "eval_batches"), self.eval_batches,
+                                  "0 = the whole validation split")
+        validate.positive_int(_key(k, "eval_micro_batches"), self.eval_micro_batches,
+                              "1 = each evaluation batch at once")
+        validate.non_negative_int(_key(k, "checkpoint_every"), self.checkpoint_every,
+                                  "0 = checkpoint only at the end")
+        validate.positive_int(_key(k, "keep_checkpoints"), self.keep_checkpoints)
+
+
+_CADENCE_FIELDS = tuple(f.name for f in dataclasses.fields(Cadence) if f.name != "key")
+
+
+def _cadence(config: Mapping[str, Any]) -> Cadence:
+    return Cadence(**{name: config[name] for name in _CADENCE_FIELDS if name in config})
+
+
+def model_config(block: Any, key: str) -> ModelConfig:
+    return validate.construct(ModelConfig, as_dict(block, key), key)
+
+
+# ----------------------------------------------------------------- `experiments.train`
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRunConfig:
+    """A root trained from scratch with next-token CE (`train.run`)."""
+
+    workdir: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    mesh: MeshConfig
+    optim: OptimConfig
+    steps: int
+    cadence: Cadence
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate.string("config.workdir", self.workdir, allow_empty=False)
+        validate.non_negative_int("config.seed", self.seed)
+        validate.positive_int("config.steps", self.steps)
+        self.optim.check_steps(self.steps, "config.steps")
+
+
+_TRAIN_FIELDS = ("workdir", "seed", "model", "data", "mesh", "optim", "steps", *_CADENCE_FIELDS)
+
+
+def train_run_config(config: Any) -> TrainRunConfig:
+    """The typed form of a `configs/tiny_teacher.py`-style ConfigDict."""
+    values = as_dict(config, "config")
+    validate.known_keys("config", values, _TRAIN_FIELDS)
+    return TrainRunConfig(
+        workdir=values.get("workdir", ""), seed=values.get("seed", 0),
+        model=model_config(values.get("model"), "config.model"),
+        data=_data(values.get("data")), mesh=_mesh(values.get("mesh")),
+        optim=_optim(values.get("optim"), "config.optim"),
+        steps=values.get("steps", 0), cadence=_cadence(values), raw=values)
+
+
+# -------------------------------------------------------------------------- the cascade
+
+
+@dataclasses.dataclass(frozen=True)
+class RootConfig:
+    """The cascade's root: trained from scratch ('scratch'), or read from Hugging Face ('hf')
+    or cascade_jax Orbax ('orbax') files at `path`. For a loaded root, `model` only describes
+    it (for `experiments.plan`) and says how to run it (`RUNTIME_FIELDS`)."""
+
+    kind: str
+    path: str = ""
+    model: dict[str, Any] | None = None
+    steps: int = 0
+    optim: OptimConfig | None = None
+    key: str = dataclasses.field(default="config.root", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        validate.one_of(_key(k, "kind"), self.kind, ROOT_KINDS)
+        validate.string(_key(k, "path"), self.path)
+        if self.kind == "scratch":
+            if not self.model:
+                raise ValueError(f"{_key(k, 'model')} is required for kind='scratch': the "
+                                 "ModelConfig fields of the root to train")
+            model_config(self.model, _key(k, "model"))
+            validate.positive_int(_key(k, "steps"), self.steps)
+            if self.optim is None:
+                raise ValueError(f"{_key(k, 'optim')} is required for kind='scratch'")
+            self.optim.check_steps(self.steps, _key(k, "steps"))
+        elif self.model:
+            validate.known_keys(_key(k, "model"), self.model,
+                                [f.name for f in dataclasses.fields(ModelConfig)])
+
+    def require_path(self) -> str:
+        """The directory a loaded root is read from (checked only when it is read, so that
+        `experiments.plan` works from `model` alone)."""
+        if not self.path:
+            raise ValueError(f"{_key(self.key, 'path')} is empty; kind={self.kind!r} reads the "
+                             f"root from that directory: set --{_key(self.key, 'path')}=<dir>")
+        if not os.path.isdir(self.path):
+            raise ValueError(f"{_key(self.key, 'path')}={self.path!r} is not a directory")
+        return self.path
+
+
+def _root(block: Any, key: str = "config.root") -> RootConfig:
+    values = as_dict(block, key)
+    validate.known_keys(key, values, ("kind", "path", "model", "steps", "optim"))
+    optim = values.get("optim")
+    return RootConfig(kind=values.get("kind", "scratch"), path=values.get("path", ""),
+                      model=as_dict(values.get("model"), _key(key, "model")) or None,
+                      steps=values.get("steps", 0),
+                      optim=None if optim is None else _optim(optim, _key(key, "optim")),
+                      key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage: how the child starts (`init`: the parent pruned to `target`, the same
+    shape from random init, or the parent as is) × what it trains on (`objective`, with
+    that objective's own validated `settings`).
+
+    parent: 'root' or an earlier stage, the model pruned (or continued).
+    teacher: 'root' | 'parent' | an earlier stage | an Orbax checkpoint directory; the model
+      an objective learns from (when it uses one) and that "KL to teacher" is measured against.
+    grad_accum: micro-batches per step (the global batch is unchanged).
+    baseline: a comparison row; it never changes what the main stages do.
+    """
+
+    name: str
+    parent: str
+    teacher: str
+    objective: str
+    settings: Any
+    target: Target = dataclasses.field(default_factory=Target)
+    init: str = "pruned"
+    depth_method: str = "block_influence"
+    head_method: str = "within_group"
+    hidden_method: str | None = "channel"
+    steps: int = 100
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4))
+    calib_batches: int = 8
+    grad_accum: int = 1
+    baseline: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"config.stages.{self.name}"
+
+    def __post_init__(self) -> None:
+        k = self.key
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name == ROOT:
+            raise ValueError(f"stage name {self.name!r} must be an identifier other than "
+                             f"{ROOT!r}")
+        validate.string(_key(k, "parent"), self.parent, allow_empty=False)
+        validate.string(_key(k, "teacher"), self.teacher, allow_empty=False)
+        validate.one_of(_key(k, "objective"), self.objective, objectives.names(),
+                        "register new objectives with cascade_jax.objectives.register")
+        validate.one_of(_key(k, "init"), self.init, INITS)
+        validate.one_of(_key(k, "depth_method"), self.depth_method, _surgery.DEPTH_METHODS)
+        validate.one_of(_key(k, "head_method"), self.head_method, _surgery.HEAD_METHODS)
+        validate.one_of(_key(k, "hidden_method"), self.hidden_method,
+                        (*_surgery.HIDDEN_METHODS, None))
+        validate.positive_int(_key(k, "steps"), self.steps)
+        self.optim.check_steps(self.steps, _key(k, "steps"))
+        validate.positive_int(_key(k, "calib_batches"), self.calib_batches)
+        validate.positive_int(_key(k, "grad_accum"), self.grad_accum,
+                              "1 = the whole batch at once")
+        validate.boolean(_key(k, "baseline"), self.baseline)
+        for name, value in self.target.to_dict().items():
+            if name == "tie_embeddings":
+                if value is not None:
+                    validate.boolean(_key(k, f"target.{name}"), value, "or None: as the parent")
+            else:
+                validate.optional_positive_int(_key(k, f"target.{name}"), value,
+                                               "or None: the parent's")
+        if self.init == "parent" and any(v is not None for v in self.target.to_dict().values()):
+            raise ValueError(f"{_key(k, 'init')}='parent' continues the parent unchanged, but "
+                             f"{_key(k, 'target')} asks for {self.target}; drop the target or "
+                             "use init='pruned'")
+
+    @property
+    def teacher_name(self) -> str:
+        return self.parent if self.teacher == PARENT else self.teacher
+
+
+_STAGE_FIELDS = ("parent", "teacher", "objective", "target", "init", "depth_method",
+                 "head_method", "hidden_method", "steps", "optim", "calib_batches",
+                 "grad_accum", "baseline")
+
+
+def stage_config(name: str, block: Any) -> StageConfig:
+    """A stage from its config block; the objective's block (named after it) is parsed by the
+    objective, and a block of another objective is refused (it would be silently ignored)."""
+    key = f"config.stages.{name}"
+    values = as_dict(block, key)
+    objective_name = values.get("objective", "")
+    validate.one_of(_key(key, "objective"), objective_name, objectives.names(),
+                    "register new objectives with cascade_jax.objectives.register")
+    other_blocks = sorted(set(values) & set(objectives.names()) - {objective_name})
+    if other_blocks:
+        raise ValueError(f"{key} has settings for {other_blocks} but its objective is "
+                         f"{objective_name!r}; move them under {_key(key, objective_name)} or "
+                         "drop them")
+    validate.known_keys(key, values, (*_STAGE_FIELDS, objective_name))
+    objective = objectives.get(objective_name)
+    fields = {name_: values[name_] for name_ in _STAGE_FIELDS if name_ in values}
+    fields["settings"] = objective.parse_settings(as_dict(values.get(objective_name),
+                                                          _key(key, objective_name)),
+                                                  _key(key, objective_name))
+    fields["target"] = validate.construct(Target, {k: v for k, v in as_dict(
+        values.get("target"), _key(key, "target")).items()}, _key(key, "target"))
+    fields["optim"] = _optim(values.get("optim"), _key(key, "optim"))
+    if fields.get("hidden_method") == "":
+        fields["hidden_method"] = None  # '' in a config: d_model stays
+    fields.setdefault("parent", ROOT)
+    fields.setdefault("teacher", ROOT)
+    return StageConfig(name=name, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeConfig:
+    """A whole cascade run (`cascade.run`)."""
+
+    workdir: str
+    seed: int
+    root: RootConfig
+    data: DataConfig
+    mesh: MeshConfig
+    stages: tuple[StageConfig, ...]
+    cadence: Cadence
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate.string("config.workdir", self.workdir)  # required by a run, not by a plan
+        validate.non_negative_int("config.seed", self.seed)
+        earlier = [ROOT]
+        for stage in self.stages:
+            if stage.name in earlier:
+                raise ValueError(f"stage name {stage.name!r} is used twice; names must be "
+                                 f"unique and not {ROOT!r}")
+            if stage.parent not in earlier:
+                raise ValueError(f"{stage.key}.parent={stage.parent!r} is not 'root' or an "
+                                 f"earlier stage; choose from {earlier}")
+            if (stage.teacher not in [*earlier, PARENT]
+                    and not os.path.isdir(stage.teacher)):
+                raise ValueError(f"{stage.key}.teacher={stage.teacher!r} is neither 'parent', "
+                                 f"one of {earlier}, nor an existing checkpoint directory")
+            earlier.append(stage.name)
+
+    def stage(self, name: str) -> StageConfig:
+        return {s.name: s for s in self.stages}[name]
+
+
+_CASCADE_FIELDS = ("workdir", "seed", "root", "data", "mesh", "stage_order", "stages",
+                   *_CADENCE_FIELDS)
+
+
+def cascade_config(config: Any) -> CascadeConfig:
+    """The typed form of a `configs/tiny_cascade.py`-style ConfigDict; stages in
+    `stage_order` (explicit, because a ConfigDict iterates its keys sorted, not as written)."""
+    values = as_dict(config, "config")
+    validate.known_keys("config", values, _CASCADE_FIELDS)
+    stages_block = as_dict(values.get("stages"), "config.stages")
+    order = list(values.get("stage_order") or ())
+    if sorted(order) != sorted(stages_block):
+        raise ValueError(f"config.stage_order={order} must list every stage in config.stages "
+                         f"exactly once: {sorted(stages_block)}")
+    return CascadeConfig(
+        workdir=values.get("workdir", ""), seed=values.get("seed", 0),
+        root=_root(values.get("root")), data=_data(values.get("data")),
+        mesh=_mesh(values.get("mesh")),
+        stages=tuple(stage_config(name, stages_block[name]) for name in order),
+        cadence=_cadence(values), raw=values)
