@@ -18,8 +18,8 @@ ends with the same parameters as a run that was never interrupted.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -41,6 +41,7 @@ from cascade_jax import (
     model,
     objectives,
     prune,
+    rundir,
     sharding,
     steps,
     train,
@@ -64,34 +65,29 @@ __all__ = ["ROOT", "CascadeConfig", "StageConfig", "Trained", "child_model", "cl
 # ------------------------------------------------------------------------ the run directory
 
 
-def claim_workdir(workdir: str, config: dict[str, Any]) -> None:
-    """Create `workdir` for `config` (the run config as written), or accept it if it already
-    holds this config's run.
+def claim_workdir(directory: str, config: dict[str, Any]) -> None:
+    """Make `directory` this cascade's run directory (`owner.json`, and the config as written
+    in `cascade.json`), or accept it if it already holds this config's run.
 
-    A directory holding a different config is refused rather than clobbered; only the
-    fields that cannot change results (progress, logging) may differ between restarts.
+    A directory holding a different config, another tool's run or unrelated files is refused
+    untouched (`rundir.claim`); only the fields that cannot change results (progress,
+    logging, evaluation cadence) may differ between restarts.
     """
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "cascade.json")
-    wanted = _identity(config)
-    if os.path.exists(path):
-        held = _identity(files.read_json(path))
-        if held != wanted:
-            changed = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
-            raise ValueError(
-                f"{workdir} holds a cascade run of a different config (differs in {changed}); "
-                "rerun with the same config to resume, or pass a new --config.workdir")
-        return
-    if jax.process_index() == 0:
+    write = jax.process_index() == 0
+    rundir.claim(directory, tool="cascade", config=rundir.identity(config, _VOLATILE),
+                  legacy=_legacy_identity, write=write)
+    path = os.path.join(directory, "cascade.json")
+    if write and not os.path.exists(path):
         files.write_json(path, config)
 
 
 _VOLATILE = ("workdir", "progress", "log_every", "eval_every")
 
 
-def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE},
-                                 sort_keys=True, default=str))
+def _legacy_identity(directory: str) -> dict[str, Any] | None:
+    """A run written before owner files existed is recognised by its `cascade.json`."""
+    path = os.path.join(directory, "cascade.json")
+    return rundir.identity(files.read_json(path), _VOLATILE) if os.path.exists(path) else None
 
 
 def _restore_params(directory: str, cfg: ModelConfig, mesh: Mesh) -> model.Params:
@@ -228,7 +224,7 @@ class _Run:
         """A finished model by stage name, or from a checkpoint path (loaded once)."""
         if name not in self.models:
             cfg, params = load_checkpoint_model(name, self.mesh)
-            self.models[name] = Trained(name, cfg, params, name)
+            self.models[name] = Trained(name, cfg, params, name, checkpoint.fingerprint(name))
         return self.models[name]
 
 
@@ -237,9 +233,10 @@ def _final_state_params(directory: str, cfg: ModelConfig, mesh: Mesh) -> model.P
 
 
 def _result(stage: str, cfg: ModelConfig, tokens: int, wall_s: float, directory: str,
-            baseline: bool, teacher: str | None) -> dict[str, Any]:
+            baseline: bool, teacher: str | None, fingerprint: str) -> dict[str, Any]:
     final = read_metrics(directory, "validation")[-1]
     return {"stage": stage, "baseline": baseline, "teacher": teacher or "",
+            "fingerprint": fingerprint,
             "params": cfg.num_params(), "tokens": tokens,
             "validation_loss": final["loss"], "perplexity": final["perplexity"],
             "kl_to_teacher": final.get("kl_to_teacher", float("nan")),
@@ -274,8 +271,10 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
                                                extra={"kind": "scratch"}),
                              save_initial=False)
             _write_result(result_path, _result(ROOT, cfg, tokens, time.perf_counter() - start,
-                                               directory, False, None))
+                                               directory, False, None,
+                                               _checkpoint_fingerprint(directory)))
         params = _final_state_params(directory, cfg, run.mesh)
+        fingerprint = _checkpoint_fingerprint(directory)
     else:
         if root.kind == "hf":
             _, params = hf.load(root.path, dtype=cfg.param_dtype,
@@ -283,15 +282,42 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
         else:
             _, params = load_checkpoint_model(root.path, run.mesh)
             params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
+        fingerprint = (_hf_fingerprint(root.path) if root.kind == "hf"
+                       else checkpoint.fingerprint(root.path))
         if not os.path.exists(result_path):
-            os.makedirs(directory, exist_ok=True)
             scores = run.evaluator(cfg, None)(params)
             with MetricWriter(directory) as writer:
                 writer.write(0, "validation", scores)
             _write_result(result_path, _result(ROOT, cfg, 0, time.perf_counter() - start,
-                                               directory, False, None))
-    run.models[ROOT] = Trained(ROOT, cfg, params, directory)
-    return files.read_json(result_path)
+                                               directory, False, None, fingerprint))
+    result = files.read_json(result_path)
+    _check_unchanged(ROOT, directory, result.get("fingerprint"), fingerprint)
+    run.models[ROOT] = Trained(ROOT, cfg, params, directory, fingerprint)
+    return result
+
+
+def _checkpoint_fingerprint(directory: str) -> str:
+    return checkpoint.fingerprint(os.path.join(directory, "checkpoints"))
+
+
+def _hf_fingerprint(path: str) -> str:
+    """A Hugging Face directory's identity: its config.json and its weight files' names and
+    sizes (reading 24B of weights to hash them would cost minutes at every start)."""
+    with open(os.path.join(path, hf.CONFIG_FILE), "rb") as f:
+        parts = [f.read().decode("utf-8", "replace")]
+    parts += sorted(f"{name}:{os.path.getsize(os.path.join(path, name))}"
+                    for name in os.listdir(path) if name.endswith(".safetensors"))
+    return "hf-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _check_unchanged(name: str, directory: str, recorded: str | None, current: str) -> None:
+    """A finished model whose files changed afterwards would make its row (and every stage
+    made from it) describe a model that no longer exists."""
+    if recorded and recorded != current:
+        raise rundir.WorkdirError(
+            f"{name}'s model changed after its row was recorded (fingerprint {recorded} then, "
+            f"{current} now); something wrote into {directory} or its source. Restore it, or "
+            f"delete {directory} (and the stages made from it) to redo it")
 
 
 def _write_result(path: str, result: dict[str, Any]) -> None:
@@ -321,7 +347,6 @@ def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
                 ) -> tuple[ModelConfig, model.Params | None, dict[str, Any]]:
     """(child config, child params or None for a random init, stage record)."""
     directory = run.stage_dir(stage.name)
-    os.makedirs(directory, exist_ok=True)
     if stage.init == "random":
         return child_model(parent.cfg, stage), None, {"init": "random"}
     if stage.init == "parent":
@@ -342,13 +367,21 @@ def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
 
 
 def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]:
-    """Make the child, train it with the stage's objective, evaluate and record; resumable."""
+    """Make the child, train it with the stage's objective, evaluate and record; resumable.
+
+    The stage records the fingerprints of the parent and teacher it consumed; a rerun whose
+    parent or teacher changed underneath it is refused (it would mix two different models)."""
     directory = run.stage_dir(stage.name)
     result_path = os.path.join(directory, "result.json")
     stage_path = os.path.join(directory, "stage.json")
     parent = run.models[stage.parent]
     teacher = run.model(stage.teacher_name)
+    consumed = {"parent": parent, "teacher": teacher}
     start = time.perf_counter()
+    if jax.process_index() == 0:
+        rundir.mark_stage(directory, run=run.workdir, stage=stage.name)
+    if os.path.exists(stage_path):
+        _check_consumed(stage.name, directory, files.read_json(stage_path), consumed)
     if not os.path.exists(result_path):
         child_params = None
         if checkpoint.latest_step(os.path.join(directory, "checkpoints")) is not None:
@@ -357,17 +390,34 @@ def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]
         else:
             child_cfg, child_params, record = _make_child(run, stage, stage_index, parent)
             record = {"model": child_cfg.to_dict(), "parent": stage.parent,
-                      "teacher": teacher.name, "objective": stage.objective, **record}
+                      "teacher": teacher.name, "objective": stage.objective,
+                      "consumed": {role: {"name": m.name, "fingerprint": m.fingerprint}
+                                   for role, m in consumed.items()}, **record}
             _write_result(stage_path, record)
         tokens = _train_stage(run, stage, child_cfg, child_params, parent, teacher, record)
         _write_result(result_path, _result(stage.name, child_cfg, tokens,
                                            time.perf_counter() - start, directory,
-                                           stage.baseline, teacher.name))
+                                           stage.baseline, teacher.name,
+                                           _checkpoint_fingerprint(directory)))
     result = files.read_json(result_path)
+    fingerprint = _checkpoint_fingerprint(directory)
+    _check_unchanged(stage.name, directory, result.get("fingerprint"), fingerprint)
     cfg = ModelConfig.from_dict(files.read_json(stage_path)["model"])
     run.models[stage.name] = Trained(stage.name, cfg,
-                                     _final_state_params(directory, cfg, run.mesh), directory)
+                                     _final_state_params(directory, cfg, run.mesh), directory,
+                                     fingerprint)
     return result
+
+
+def _check_consumed(stage: str, directory: str, record: dict[str, Any],
+                    consumed: dict[str, Trained]) -> None:
+    for role, recorded in (record.get("consumed") or {}).items():
+        now = consumed[role]
+        if recorded.get("fingerprint") and recorded["fingerprint"] != now.fingerprint:
+            raise rundir.WorkdirError(
+                f"stage {stage!r}: its {role} {now.name!r} changed after {stage!r} was made from "
+                f"it (fingerprint {recorded['fingerprint']} then, {now.fingerprint} now). Delete "
+                f"{directory} to redo {stage!r} from the new {role}, or restore {now.name!r}")
 
 
 def _train_stage(run: _Run, stage: StageConfig, cfg: ModelConfig,
@@ -510,12 +560,15 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
     datasets = data.datasets_from_config(config.data, seed=config.seed)
     if config.root.kind == "scratch":
         train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(), "config.root.model")
-    claim_workdir(workdir, config.raw)
-    run_state = _Run(config, workdir, mesh, datasets, progress)
-    results = [run_root(run_state, root_cfg)]
-    logging.info("root: %s", results[-1])
-    for index, stage in enumerate(config.stages):
-        results.append(run_stage(run_state, stage, index))
-        logging.info("%s: %s", stage.name, results[-1])
-    write_report(workdir, results)
+    with rundir.lock(workdir, enabled=jax.process_index() == 0):
+        claim_workdir(workdir, config.raw)
+        if jax.process_index() == 0:
+            rundir.mark_stage(os.path.join(workdir, ROOT), run=workdir, stage=ROOT)
+        run_state = _Run(config, workdir, mesh, datasets, progress)
+        results = [run_root(run_state, root_cfg)]
+        logging.info("root: %s", results[-1])
+        for index, stage in enumerate(config.stages):
+            results.append(run_stage(run_state, stage, index))
+            logging.info("%s: %s", stage.name, results[-1])
+        write_report(workdir, results)
     return results

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -438,6 +439,15 @@ class Checkpointer:
         except Exception as e:
             raise self._read_failure(step, e) from e
 
+    def read_checksums(self, step: int | None = None) -> dict[str, Any]:
+        """The per-leaf checksums saved with `step` (default: the latest complete step)."""
+        step = self._resolve_step(step)
+        try:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(**{_CHECKSUMS: ocp.args.JsonRestore()}))[_CHECKSUMS]
+        except Exception as e:
+            raise self._read_failure(step, e) from e
+
     def wait_until_finished(self) -> None:
         """Blocks until every started save has committed; re-raises a failed save's error."""
         self._manager.wait_until_finished()
@@ -473,6 +483,19 @@ def read_metadata(directory: epath.PathLike, step: int | None = None) -> dict[st
     """The metadata dict of `step` (default: the latest complete step) in `directory`."""
     with Checkpointer(directory, read_only=True) as ckpt:
         return ckpt.read_metadata(step)
+
+
+def fingerprint(directory: epath.PathLike) -> str:
+    """A short identity of the latest complete step's contents (its step number and the
+    checksums of every leaf, computed when it was saved): what a later stage records of the
+    parent it consumed, to notice when that parent changed underneath it."""
+    with Checkpointer(directory, read_only=True) as ckpt:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"{directory} holds no complete checkpoint to fingerprint")
+        sums = ckpt.read_checksums(step)
+    digest = hashlib.sha256(json.dumps([step, sums], sort_keys=True).encode()).hexdigest()
+    return f"step{step}-{digest[:16]}"
 
 
 def abstract_state(directory: epath.PathLike, step: int | None = None) -> PyTree:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
@@ -61,16 +62,39 @@ def evaluate(step_fn: Callable[[Any, Batch], Metrics], params: Any,
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised instead of saving a checkpoint once the loss is NaN or infinite."""
+    """Raised instead of saving a checkpoint once the loss, the gradient norm or the updated
+    parameters are NaN or infinite: a non-finite state is never written."""
 
 
-def _check_finite(step: int, loss: float, last_saved: int | None) -> None:
+def _stop(step: int, quantity: str, value: float, last_saved: int | None) -> None:
+    where = (f"the last good checkpoint is step {last_saved} (verified finite)"
+             if last_saved is not None else "no checkpoint was written")
+    raise NonFiniteLossError(
+        f"training {quantity} is {value} at step {step}; stopped without saving ({where}). "
+        "Lower the learning rate, raise warmup, or check the data for empty batches.")
+
+
+def _check_finite(step: int, values: dict[str, float], last_saved: int | None) -> None:
+    """The loss (before this step's update) and the gradient norm (of this step's update)."""
+    loss = values["loss_sum"] / max(values["count"], 1.0)
     if not math.isfinite(loss):
-        where = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
-                 else "no checkpoint was written")
-        raise NonFiniteLossError(
-            f"training loss is {loss} at step {step}; stopped without saving ({where}). "
-            "Lower the learning rate, raise warmup, or check the data for empty batches.")
+        _stop(step, "loss", loss, last_saved)
+    grad_norm = values.get("grad_norm", 0.0)
+    if not math.isfinite(grad_norm):
+        _stop(step, "gradient norm", grad_norm, last_saved)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                                if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+
+
+def _check_params_finite(step: int, state: TrainState, last_saved: int | None) -> None:
+    """The state about to be saved: a finite loss and gradient norm can still step into a
+    non-finite parameter (an overflowing update)."""
+    if not bool(_all_finite(state.params)):
+        _stop(step, "parameters after the update", math.nan, last_saved)
 
 
 def fit(step_fn: StepFn, state: TrainState, batches: Iterator[HostBatch], *, mesh: Mesh,
@@ -95,7 +119,7 @@ def fit(step_fn: StepFn, state: TrainState, batches: Iterator[HostBatch], *, mes
     def drain(step: int, metrics: Metrics) -> None:
         nonlocal window_start, window_tokens
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, values["loss_sum"] / max(values["count"], 1.0), last_saved)
+        _check_finite(step, values, last_saved)
         for name, value in values.items():
             totals[name] = totals.get(name, 0.0) + value
         if step % log_every == 0 or step == total_steps:
@@ -128,6 +152,7 @@ def fit(step_fn: StepFn, state: TrainState, batches: Iterator[HostBatch], *, mes
             writer.write(step, "validation", evaluate_fn(state.params))
         if save_fn is not None and ((checkpoint_every and step % checkpoint_every == 0)
                                     or at_end):
+            _check_params_finite(step, state, last_saved)
             save_fn(step, state, tokens_seen)
             last_saved = step
     if pending is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from cascade_jax import data, files, loop, model, runconfig, sharding, steps
+from cascade_jax import checkpoint, data, files, loop, model, runconfig, rundir, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.loop import (  # noqa: F401  (re-exported: the historical train.* names)
     NonFiniteLossError,
@@ -66,26 +66,11 @@ def run(config: runconfig.TrainRunConfig | ml_collections.ConfigDict) -> dict[st
     check_vocab(cfg, datasets.tokenizer.get_vocab_size(), "config.model")
     optimizer = steps.make_optimizer(total_steps=config.steps,
                                      **config.optim.optimizer_kwargs())
-    eval_fn = steps.jit_eval_sums(cfg, mesh)
-    cadence = config.cadence
-
-    def evaluate_fn(params: model.Params) -> dict[str, float]:
-        return loop.evaluate(eval_fn, params, iter(datasets.validation), mesh,
-                             max_batches=cadence.eval_batches or None)
-
-    def make_state() -> steps.TrainState:
-        return steps.create_state(cfg, optimizer, jax.random.key(config.seed), mesh)
-
     shardings = steps.model_state_shardings(cfg, optimizer, mesh)
-    _, tokens_seen = loop.fit_with_checkpoints(
-        workdir, step_fn=steps.jit_ce_train_step(cfg, optimizer, mesh),
-        abstract_state=steps.abstract_state(optimizer, model.param_shapes(cfg), shardings),
-        make_state=make_state, batches=iter(datasets.train), mesh=mesh,
-        total_steps=config.steps, evaluate_fn=evaluate_fn,
-        metadata={"kind": "train", "model": cfg.to_dict(), "config": config.raw,
-                  "code_revision": loop.code_revision()},
-        log_every=cadence.log_every, eval_every=cadence.eval_every,
-        checkpoint_every=cadence.checkpoint_every, keep_checkpoints=cadence.keep_checkpoints)
+    with rundir.lock(workdir, enabled=jax.process_index() == 0):
+        rundir.claim(workdir, tool="train", config=rundir.identity(config.raw, VOLATILE),
+                     legacy=_legacy_identity, write=jax.process_index() == 0)
+        tokens_seen = _fit(config, workdir, mesh, datasets, optimizer, shardings)
     final = read_metrics(workdir, "validation")[-1]
     summary = {
         "workdir": workdir, "steps": config.steps, "params": cfg.num_params(),
@@ -96,6 +81,45 @@ def run(config: runconfig.TrainRunConfig | ml_collections.ConfigDict) -> dict[st
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+# Fields that cannot change what a run computes: they may differ between restarts.
+VOLATILE = ("workdir", "log_every", "eval_every")
+
+
+def _legacy_identity(directory: str) -> dict[str, Any] | None:
+    """A train run written before owner files existed: its checkpoints say kind 'train'."""
+    ckpt_dir = os.path.join(directory, "checkpoints")
+    if checkpoint.latest_step(ckpt_dir) is None:
+        return None
+    metadata = checkpoint.read_metadata(ckpt_dir)
+    if metadata.get("kind") != "train":
+        return None
+    return rundir.identity(metadata.get("config") or {}, VOLATILE)
+
+
+def _fit(config: runconfig.TrainRunConfig, workdir: str, mesh: Any, datasets: data.Datasets,
+         optimizer: Any, shardings: steps.TrainState) -> int:
+    cfg, cadence = config.model, config.cadence
+    eval_fn = steps.jit_eval_sums(cfg, mesh)
+
+    def evaluate_fn(params: model.Params) -> dict[str, float]:
+        return loop.evaluate(eval_fn, params, iter(datasets.validation), mesh,
+                             max_batches=cadence.eval_batches or None)
+
+    def make_state() -> steps.TrainState:
+        return steps.create_state(cfg, optimizer, jax.random.key(config.seed), mesh)
+
+    _, tokens_seen = loop.fit_with_checkpoints(
+        workdir, step_fn=steps.jit_ce_train_step(cfg, optimizer, mesh),
+        abstract_state=steps.abstract_state(optimizer, model.param_shapes(cfg), shardings),
+        make_state=make_state, batches=iter(datasets.train), mesh=mesh,
+        total_steps=config.steps, evaluate_fn=evaluate_fn,
+        metadata={"kind": "train", "model": cfg.to_dict(), "config": config.raw,
+                  "code_revision": loop.code_revision()},
+        log_every=cadence.log_every, eval_every=cadence.eval_every,
+        checkpoint_every=cadence.checkpoint_every, keep_checkpoints=cadence.keep_checkpoints)
+    return tokens_seen
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cascade_jax import cascade
-from experiments.common import define_multihost_flag, start
+from experiments.common import define_multihost_flag, last_line_is_the_cause, start
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -29,4 +29,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(last_line_is_the_cause(main))

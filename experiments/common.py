@@ -1,5 +1,12 @@
 """What every experiments main shares."""
 
+import errno
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
 from absl import flags, logging
 
 
@@ -22,3 +29,35 @@ def start(multihost: bool) -> None:
         import jax
 
         jax.distributed.initialize()
+
+
+def last_line_is_the_cause(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """Run `main`; on failure print the traceback, then the cause as the very last line
+    (`error: ...`; a full disk as `no space left on <path>`), and exit 1 at once, so nothing a
+    background thread prints at shutdown buries it."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:
+            traceback.print_exc()
+            print(f"error: {cause(error)}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+
+    return wrapped
+
+
+def cause(error: BaseException) -> str:
+    """One line saying what went wrong; a full disk anywhere in the chain says so first."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            where = current.filename or "the output directory"
+            return f"no space left on {where}: free space there or choose another directory"
+        current = current.__cause__ or current.__context__
+    return f"{type(error).__name__}: {error}".splitlines()[0]

@@ -38,7 +38,7 @@ from ml_collections import config_dict, config_flags
 
 from cascade_jax import aot, cascade, objectives, runconfig, sharding
 from cascade_jax import steps as steps_lib
-from experiments.common import quiet_logging
+from experiments.common import last_line_is_the_cause, quiet_logging
 
 
 def define_flags() -> None:
@@ -228,8 +228,8 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_logging()
     f = flags.FLAGS
-    config = f.config
-    sizes = mesh_sizes(config.mesh.to_dict(), f.mesh.to_dict())
+    config = runconfig.cascade_config(f.config)  # every config error before any device exists
+    sizes = mesh_sizes(config.mesh.sizes(), f.mesh.to_dict())
     n_devices = math.prod(sizes.values())
     if n_devices > jax.device_count():
         if os.environ.get(_SUBPROCESS_ENV):
@@ -256,4 +256,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(last_line_is_the_cause(main))

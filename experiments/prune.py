@@ -42,7 +42,7 @@ from cascade_jax.config import ModelConfig
 from cascade_jax.prune import importance as importance_lib
 from cascade_jax.prune import surgery
 from cascade_jax.prune.target import PRUNABLE
-from experiments.common import quiet_logging
+from experiments.common import last_line_is_the_cause, quiet_logging
 
 # Files a Hugging Face directory keeps its tokenizer (and generation defaults) in.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -121,14 +121,36 @@ def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any) ->
     sharding.check_batch_split(batch_size, mesh)
 
 
+def _ours(name: str) -> bool:
+    """A file a previous `experiments.prune` run writes into its output directory."""
+    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *TOKENIZER_FILES)
+            or name.endswith(".safetensors") or (name.startswith("prune_")
+                                                 and name.endswith(".npy")))
+
+
 def check_output(path: str, overwrite: bool, hf_in: str) -> None:
-    out = Path(path).resolve()
-    if out == Path(hf_in).resolve():
-        raise ValueError(f"--hf_out={path} is the parent's own directory; a child never "
-                         "overwrites its parent, choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"--hf_out={path} exists and is not empty; pass --overwrite or "
-                              "choose a new directory")
+    """`--hf_out` must be new or empty; `--overwrite` replaces only a previous output of this
+    tool (it has `prune_record.json` and nothing but the files we write), never the parent, a
+    directory holding the parent, or anything else."""
+    out, parent = Path(path).resolve(), Path(hf_in).resolve()
+    if out == parent or out in parent.parents or parent in out.parents:
+        raise ValueError(f"--hf_out={path} is, holds or lies inside the parent's directory "
+                         f"--hf_in={hf_in}; a child never overwrites its parent: choose a "
+                         "directory outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--hf_out={path} is a file; choose a directory path")
+    if not overwrite:
+        raise FileExistsError(f"--hf_out={path} exists and is not empty; pass --overwrite to "
+                              "replace a previous experiments.prune output, or choose a new "
+                              "directory")
+    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+    if not (out / RECORD_FILE).exists() or foreign:
+        why = (f"it holds files this tool never writes ({', '.join(foreign[:5])})" if foreign
+               else f"it has no {RECORD_FILE}, so it is not an experiments.prune output")
+        raise FileExistsError(f"--overwrite refuses --hf_out={path}: {why}; choose a new "
+                              "directory or empty it yourself")
 
 
 # ------------------------------------------------------------------------- calibration
@@ -316,4 +338,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(last_line_is_the_cause(main))

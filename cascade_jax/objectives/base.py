@@ -31,6 +31,7 @@ class Trained:
     cfg: ModelConfig
     params: model.Params
     directory: str
+    fingerprint: str = ""  # identity of the files it was read from (`cascade`'s lineage check)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -252,13 +252,13 @@ def _residual_second_moment(acts: dict[str, jax.Array], w_BL: jax.Array) -> jax.
     first made XLA:CPU copy them and run at half speed.
     """
     d = acts["block_in"].shape[-1]
-    cov_DC = jnp.zeros((d, d), jnp.float32)
+    cov_DD = jnp.zeros((d, d), jnp.float32)
     for x_BLD in (acts["block_in"], acts["mlp_in"]):
         masked_BLD = x_BLD * w_BL[..., None].astype(x_BLD.dtype)
-        # C is a second copy of D (the covariance is D × D).
-        cov_DC += jnp.einsum("BLD,BLC->DC", masked_BLD, x_BLD,
+        # i, j: the two copies of D of a D × D covariance.
+        cov_DD += jnp.einsum("BLi,BLj->ij", masked_BLD, x_BLD,
                              preferred_element_type=jnp.float32)
-    return cov_DC
+    return cov_DD
 
 
 def _sown(state: dict[str, Any]) -> dict[str, jax.Array]:

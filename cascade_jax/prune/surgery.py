@@ -218,7 +218,7 @@ def _retie(flat: Flat, tied: bool) -> Flat:
     return flat
 
 
-def _tie_rotated(flat: Flat, final_scale_D: Any, q_DC: np.ndarray, c: float) -> Flat:
+def _tie_rotated(flat: Flat, final_scale_D: Any, q_DP: np.ndarray, c: float) -> Flat:
     """Tie after a PCA rotation, which folded the final norm scale s into the head.
 
     The rotated embedding c·E·Q becomes the head again, so s must come back as a norm scale
@@ -226,10 +226,10 @@ def _tie_rotated(flat: Flat, final_scale_D: Any, q_DC: np.ndarray, c: float) -> 
     (exact when s is uniform), divided by c² like any tied final norm (module doc).
     """
     s = _float64(final_scale_D)
-    q = _float64(q_DC)
-    scale_C = (q * q).T @ s / (c * c)
+    q = _float64(q_DP)
+    scale_P = (q * q).T @ s / (c * c)
     flat = _retie(flat, tied=True)
-    flat[_FINAL_NORM] = jnp.asarray(scale_C, flat[_FINAL_NORM].dtype)
+    flat[_FINAL_NORM] = jnp.asarray(scale_P, flat[_FINAL_NORM].dtype)
     return flat
 
 
@@ -397,9 +397,9 @@ def _fold_norms(flat: Flat, lay: Layout) -> tuple[Flat, dict[str, tuple[str | No
     return flat, lay
 
 
-def _rotate(flat: Flat, lay: Layout, q_DC: np.ndarray) -> Flat:
+def _rotate(flat: Flat, lay: Layout, q_DP: np.ndarray) -> Flat:
     """Contract the 'embed' axis of every matrix with Q ([D, D']); unit norm scales → [D']."""
-    q = jnp.asarray(q_DC, jnp.float32)
+    q = jnp.asarray(q_DP, jnp.float32)
     out, rotated = dict(flat), []
     for path, axes in lay.items():
         if "embed" not in axes:
@@ -418,11 +418,11 @@ def _rotate(flat: Flat, lay: Layout, q_DC: np.ndarray) -> Flat:
     return out
 
 
-def _pca_flat(cfg: ModelConfig, flat: Flat, q_DC: np.ndarray) -> Flat:
+def _pca_flat(cfg: ModelConfig, flat: Flat, q_DP: np.ndarray) -> Flat:
     flat, lay = _fold_norms(flat, layout(cfg))
-    flat = _rotate(flat, lay, q_DC)
-    if q_DC.shape[1] < cfg.d_model:
-        flat = _scale_residual(flat, lay, math.sqrt(q_DC.shape[1] / cfg.d_model), tied=False)
+    flat = _rotate(flat, lay, q_DP)
+    if q_DP.shape[1] < cfg.d_model:
+        flat = _scale_residual(flat, lay, math.sqrt(q_DP.shape[1] / cfg.d_model), tied=False)
     return flat
 
 
@@ -438,12 +438,12 @@ def _check_rotation(cfg: ModelConfig, rotation: Any) -> np.ndarray:
     return q
 
 
-def rotate_hidden(cfg: ModelConfig, params: Params, rotation_DC: Any
+def rotate_hidden(cfg: ModelConfig, params: Params, rotation_DP: Any
                   ) -> tuple[ModelConfig, Params]:
-    """SliceGPT-style hidden pruning: fold norms, rotate the residual by `rotation_DC`
+    """SliceGPT-style hidden pruning: fold norms, rotate the residual by `rotation_DP`
     ([D, D'], orthonormal columns, e.g. `pca_rotation`), keep D' channels. The child is
     always untied (module docstring)."""
-    q = _check_rotation(cfg, rotation_DC)
+    q = _check_rotation(cfg, rotation_DP)
     child = cfg.replace(d_model=q.shape[1], tie_embeddings=False)
     return child, _finish(child, _pca_flat(cfg, paths.flatten(params), q))
 
