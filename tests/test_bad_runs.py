@@ -55,7 +55,7 @@ def corpus_dir(tmp_path_factory) -> str:
     for i, path in enumerate(STDLIB_FILES):
         shutil.copy(path, directory / f"m{i:02d}.py")
     tokenizer = data.train_tokenizer([str(p) for p in sorted(directory.glob("*.py"))],
-                                     vocab_size=256)
+                                     vocab_size=320)
     tokenizer.save(str(directory / "tokenizer.json"))
     return str(directory)
 
@@ -63,7 +63,7 @@ def corpus_dir(tmp_path_factory) -> str:
 def train_config(corpus_dir: str, workdir: str, **changes) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(dict(
         workdir=workdir, seed=0,
-        model=dict(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+        model=dict(vocab_size=320, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                    d_ff=32, max_seq_len=16, tie_embeddings=True),
         data=dict(source=f"text:{corpus_dir}/*.py", tokenizer=f"{corpus_dir}/tokenizer.json",
                   seq_len=16, batch_size=8, validation_percent=25),
@@ -143,7 +143,7 @@ def test_a_bad_train_value_fails_before_the_directory_exists(corpus_dir, tmp_pat
     with pytest.raises(ValueError, match=r"config.steps=1 must exceed config.optim.warmup_steps"):
         train.run(train_config(corpus_dir, str(workdir), steps=1))
     with pytest.raises(ValueError, match=r"config.model.vocab_size=64 is smaller than the "
-                                         r"tokenizer's vocabulary \(256\)"):
+                                         r"tokenizer's vocabulary \(320\)"):
         train.run(train_config(corpus_dir, str(workdir),
                                model=dict(train_config(corpus_dir, "").model.to_dict(),
                                           vocab_size=64)))
@@ -174,7 +174,7 @@ def test_cascade_checks_fail_in_seconds_and_leave_the_directory_unclaimed(corpus
                     metadata={"model": other.to_dict()})
     config = cascade_config(corpus_dir, str(workdir))
     config.stages.child.teacher = str(teacher_dir)
-    with pytest.raises(ValueError, match=r"teacher=.* has vocab_size=300 but the child has 256"):
+    with pytest.raises(ValueError, match=r"teacher=.* has vocab_size=300 but the child has 320"):
         cascade.run(config, progress=False)
     assert time.perf_counter() - start < 60
     assert not workdir.exists() or rundir.read_owner(str(workdir)) is None
