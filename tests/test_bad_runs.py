@@ -7,7 +7,6 @@ import errno
 import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ import pytest
 from cascade_jax import (
     cascade,
     checkpoint,
-    data,
     loop,
     model,
     rundir,
@@ -33,7 +31,6 @@ from experiments import common
 from experiments import prune as prune_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STDLIB_FILES = sorted(data.builtin_corpus_files("train"))[:12]
 
 
 def tree_hash(directory) -> str:
@@ -47,17 +44,6 @@ def tree_hash(directory) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("corpus")
-    for i, path in enumerate(STDLIB_FILES):
-        shutil.copy(path, directory / f"m{i:02d}.py")
-    tokenizer = data.train_tokenizer([str(p) for p in sorted(directory.glob("*.py"))],
-                                     vocab_size=320)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return str(directory)
 
 
 def train_config(corpus_dir: str, workdir: str, **changes) -> ml_collections.ConfigDict:

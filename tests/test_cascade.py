@@ -17,7 +17,6 @@ import pytest
 from cascade_jax import (
     cascade,
     checkpoint,
-    data,
     hf,
     model,
     objectives,
@@ -29,8 +28,6 @@ from cascade_jax import (
 from cascade_jax.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Real text: 40 of this Python's own stdlib modules.
-STDLIB_FILES = sorted(data.builtin_corpus_files("train"))[:40]
 
 
 def tiny_config(corpus_dir: str, workdir: str) -> ml_collections.ConfigDict:
@@ -67,17 +64,6 @@ def tiny_config(corpus_dir: str, workdir: str) -> ml_collections.ConfigDict:
                                   target=dict(n_layers=2, d_ff=48, n_heads=None,
                                               n_kv_heads=None, d_model=None))),
         log_every=2, eval_every=3, eval_batches=2, checkpoint_every=2, keep_checkpoints=10))
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("corpus")
-    for i, path in enumerate(STDLIB_FILES):
-        shutil.copy(path, directory / f"m{i:02d}.py")
-    tokenizer = data.train_tokenizer([str(p) for p in sorted(directory.glob("*.py"))],
-                                     vocab_size=320)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
