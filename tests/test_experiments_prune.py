@@ -142,7 +142,7 @@ def test_target_bigger_than_parent_fails_before_any_work(parent, tmp_path, monke
     with pytest.raises(ValueError, match=r"d_model=32 < 64 but hidden_method=None cannot prune"):
         prune_main.run(str(hf_in), str(tmp_path / "child"), calib,
                        prune.Target(d_model=32), hidden_method=None, mesh_sizes=MESH)
-    with pytest.raises(ValueError, match="is, holds or lies inside the parent.s directory"):
+    with pytest.raises(ValueError, match=r"is, holds or lies inside the parent.s directory"):
         prune_main.run(str(hf_in), str(hf_in), calib, prune.Target(d_ff=64), mesh_sizes=MESH)
     with pytest.raises(ValueError, match="layers/attn/wk has a dimension of 1 sharded 2 ways"):
         # the child must fit the mesh too
