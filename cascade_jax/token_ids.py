@@ -6,7 +6,8 @@ that): the embedding lookup is `jnp.take(..., mode='fill')` and the losses gathe
 
 - an id in [-V, 0) wraps around like a numpy index and reads row V + id: finite logits and
   losses that are silently WRONG;
-- an id >= V or < -V reads the fill value, NaN: the logits and the loss turn NaN.
+- an id >= V or < -V reads the fill value, NaN: the logits of its whole row (attention
+  multiplies masked values by 0, and 0 · NaN = NaN) and the loss turn NaN.
 
 Neither names the token that caused it, so ids are checked where they enter the library
 (`data.check_token_ids`, token files, the logits cache), and the model and the losses check
@@ -86,7 +87,8 @@ def _message(value: int, position: int, shape: tuple[int, ...], vocab_size: int 
     if offsets is not None:
         document = int(np.searchsorted(offsets, position, side="right")) - 1
         at += f" (document {document})"
-    vocab = f"the vocabulary [0, {vocab_size})" if vocab_size is not None else "int32 ids"
+    vocab = (f"the vocabulary [0, {vocab_size})" if vocab_size is not None
+             else f"the ids int32 holds, [0, {INT32_LIMIT})")
     return (f"{where}: token id {value} at {at} is outside {vocab}; "
             f"{fix or _default_fix(value, vocab_size)}")
 
@@ -96,7 +98,7 @@ def _default_fix(value: int, vocab_size: int | None) -> str:
         return ("token ids are never negative: the data is damaged or was saved with another "
                 "dtype; re-tokenize it")
     if vocab_size is None or value < vocab_size:
-        return (f"it does not fit the int32 ids are stored as (< {INT32_LIMIT}): the data is "
+        return ("ids are stored as int32, and no vocabulary is that large: the data is "
                 "damaged or is not token ids")
     return "tokenize with the model's own tokenizer, or use a model whose vocab_size covers it"
 
