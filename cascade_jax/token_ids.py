@@ -88,7 +88,7 @@ def _message(value: int, position: int, shape: tuple[int, ...], vocab_size: int 
         document = int(np.searchsorted(offsets, position, side="right")) - 1
         at += f" (document {document})"
     vocab = (f"the vocabulary [0, {vocab_size})" if vocab_size is not None
-             else f"the ids int32 holds, [0, {INT32_LIMIT})")
+             else f"[0, {INT32_LIMIT}), the range of int32 token ids")
     return (f"{where}: token id {value} at {at} is outside {vocab}; "
             f"{fix or _default_fix(value, vocab_size)}")
 
@@ -98,8 +98,7 @@ def _default_fix(value: int, vocab_size: int | None) -> str:
         return ("token ids are never negative: the data is damaged or was saved with another "
                 "dtype; re-tokenize it")
     if vocab_size is None or value < vocab_size:
-        return ("ids are stored as int32, and no vocabulary is that large: the data is "
-                "damaged or is not token ids")
+        return "no vocabulary is that large: the data is damaged or is not token ids"
     return "tokenize with the model's own tokenizer, or use a model whose vocab_size covers it"
 
 

@@ -137,7 +137,7 @@ def test_int64_ids_beyond_int32_are_refused_not_wrapped(tmp_path, tree_hash):
     np.save(path, np.array([5, 2**32 + 7, 3], np.int64))  # would wrap to 7 as int32
     _refused(tree_hash, tmp_path, ValueError,
              re.escape(path) + r": token id 4294967303 at position 1 \(document 0\) is outside "
-             r"the ids int32 holds, \[0, 2147483648\); ids are stored as int32",
+             r"\[0, 2147483648\), the range of int32 token ids; no vocabulary is that large",
              data.load_token_file, path)
 
 
@@ -295,8 +295,8 @@ def test_cache_writing_refuses_tokens_beyond_the_teacher_vocabulary_before_writi
 
 def test_in_memory_documents_name_the_negative_id_and_its_document():
     with pytest.raises(ValueError, match=r"documents: token id -1 at position 4 \(document 1\) "
-                                         r"is outside the ids int32 holds, \[0, 2147483648\); "
-                                         "token ids are never negative"):
+                                         r"is outside \[0, 2147483648\), the range of int32 "
+                                         "token ids; token ids are never negative"):
         data.TokenizedCorpus.from_documents([[3, 4, 1], [5, -1]])
 
 
