@@ -41,7 +41,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cascade_jax import files, validate
+from cascade_jax import files, token_ids, validate
 
 Batch = dict[str, np.ndarray]
 
@@ -53,6 +53,7 @@ VALIDATION_PERCENT = 5.0
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 _FORMAT = "cascade_jax.data/1"  # bump to invalidate every cache file written by older code
 _NON_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_STALE_CACHE = "it is a damaged cache file: delete it and it is rebuilt on the next run"
 
 
 # --------------------------------------------------------------------------------- the corpus
@@ -78,12 +79,21 @@ class TokenizedCorpus:
                              f"{offsets.size} offsets from {offsets[:1]} to {offsets[-1:]}")
 
     @classmethod
-    def from_documents(cls, documents: Iterable[Sequence[int] | np.ndarray]) -> TokenizedCorpus:
-        """From token-id sequences, one per document (used as they are: no EOS is added)."""
-        arrays = [np.asarray(d, dtype=np.int32).reshape(-1) for d in documents]
+    def from_documents(cls, documents: Iterable[Sequence[int] | np.ndarray], *,
+                       vocab_size: int | None = None, where: str = "documents"
+                       ) -> TokenizedCorpus:
+        """From token-id sequences, one per document (used as they are: no EOS is added).
+
+        Ids are range-checked in their own dtype before the int32 cast, so nothing wraps:
+        negative ids, ids >= `vocab_size` (when given) and ids int32 cannot hold are errors
+        naming the value and the document index.
+        """
+        arrays = [_integer_ids(d, f"{where}, document {i}") for i, d in enumerate(documents)]
         lengths = np.array([a.size for a in arrays], dtype=np.int64)
-        tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
-        return cls(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = _concatenate_exactly(arrays, where)
+        token_ids.check(tokens, vocab_size, where=where, offsets=offsets)
+        return cls(tokens.astype(np.int32, copy=False), offsets)
 
     def __len__(self) -> int:
         return self.offsets.size - 1
@@ -106,28 +116,89 @@ class TokenizedCorpus:
         files.atomic_write(path, lambda f: np.savez(f, tokens=self.tokens, offsets=self.offsets))
 
     @classmethod
-    def load(cls, path: str) -> TokenizedCorpus:
-        with np.load(path) as npz:
-            return cls(npz["tokens"].astype(np.int32, copy=False), npz["offsets"])
+    def load(cls, path: str, *, vocab_size: int | None = None) -> TokenizedCorpus:
+        """Reads a file written by `save`; ids are checked (see `check_token_ids`) before the
+        int32 cast, and every error names `path`."""
+        arrays = files.read_npz(path, ("tokens", "offsets"), written_by="TokenizedCorpus.save")
+        return _checked_corpus(arrays["tokens"], arrays["offsets"], vocab_size, where=path)
 
 
-def load_token_file(path: str, *, eos_id: int | None = None) -> TokenizedCorpus:
+def _integer_ids(document: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
+    """A document's ids as a 1-D integer array in their own dtype (an empty one as int32)."""
+    array = np.asarray(document).reshape(-1)
+    if array.size == 0:
+        return np.zeros(0, np.int32)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{where} holds {array.dtype} values; token ids must be integers "
+                         "(tokenize the text first)")
+    return array
+
+
+def _concatenate_exactly(arrays: Sequence[np.ndarray], where: str) -> np.ndarray:
+    """One array of all ids without changing any value: numpy promotes uint64 with a signed
+    type to float64, so such a mix goes through int64 after checking the uint64 parts fit."""
+    if not arrays:
+        return np.zeros(0, np.int32)
+    dtype = np.result_type(*{a.dtype for a in arrays})
+    if not np.issubdtype(dtype, np.integer):
+        for i, a in enumerate(arrays):
+            token_ids.check(a, None, where=f"{where}, document {i}")
+        arrays = [a.astype(np.int64) for a in arrays]
+    return np.concatenate(arrays)
+
+
+def _checked_corpus(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int | None, *,
+                    where: str) -> TokenizedCorpus:
+    """A corpus of int32 ids from ids in any integer dtype, checked before the cast; any
+    inconsistency is an error naming `where`."""
+    try:
+        corpus = TokenizedCorpus(tokens, np.asarray(offsets))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}; the file is damaged or was not written by "
+                         "TokenizedCorpus.save") from None
+    check_token_ids(corpus, vocab_size, where=where)
+    return TokenizedCorpus(tokens.astype(np.int32, copy=False), corpus.offsets)
+
+
+def check_token_ids(tokens: TokenizedCorpus | np.ndarray, vocab_size: int | None, *,
+                    where: str = "tokens") -> None:
+    """Raise ValueError unless every id lies in [0, vocab_size) (in [0, 2³¹) when
+    `vocab_size` is None): the value, its position, the document (for a corpus) and `where`
+    (a file, a source) are named. A run calls it with the model's vocab_size to refuse data
+    tokenized for another model before any step (an id >= V silently reads a NaN or a wrong
+    embedding row otherwise: see `cascade_jax.token_ids`)."""
+    if isinstance(tokens, TokenizedCorpus):
+        token_ids.check(tokens.tokens, vocab_size, where=where, offsets=tokens.offsets)
+    else:
+        token_ids.check(tokens, vocab_size, where=where)
+
+
+def load_token_file(path: str, *, eos_id: int | None = None,
+                    vocab_size: int | None = None) -> TokenizedCorpus:
     """Pre-tokenized data: our `.npz` (tokens + offsets, as `TokenizedCorpus.save` writes), or a
     `.npy` flat token stream, memory-mapped and cut into documents after each `eos_id` (the
-    usual layout of a pre-concatenated stream); without `eos_id` the stream is one document."""
+    usual layout of a pre-concatenated stream); without `eos_id` the stream is one document.
+
+    Refused, naming the file: a file with no tokens, and ids outside [0, vocab_size) (or not
+    fitting int32), found in the stored dtype before any cast, with their document index.
+    """
     if not os.path.isfile(path):
         raise ValueError(f"no pre-tokenized file at {path!r}; give the path of a .npy token "
                          "stream or a .npz written by TokenizedCorpus.save")
     if path.endswith(".npz"):
-        return TokenizedCorpus.load(path)
-    stream = np.load(path, mmap_mode="r")
-    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-        raise ValueError(f"{path!r} holds a {stream.dtype} array of shape {stream.shape}; "
-                         "expected a 1-D integer token stream")
-    ends = np.flatnonzero(stream == eos_id) + 1 if eos_id is not None else np.zeros(0, np.int64)
-    offsets = np.unique(np.concatenate([[0], ends, [stream.size]])).astype(np.int64)
-    tokens = stream if stream.dtype == np.int32 else stream.astype(np.int32)
-    return TokenizedCorpus(tokens, offsets)
+        corpus = TokenizedCorpus.load(path, vocab_size=vocab_size)
+    else:
+        stream = files.read_npy(path, written_by="numpy.save of a 1-D token-id array")
+        if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+            raise ValueError(f"{path!r} holds a {stream.dtype} array of shape {stream.shape}; "
+                             "expected a 1-D integer token stream")
+        ends = (np.flatnonzero(stream == eos_id) + 1 if eos_id is not None
+                else np.zeros(0, np.int64))
+        offsets = np.unique(np.concatenate([[0], ends, [stream.size]])).astype(np.int64)
+        corpus = _checked_corpus(stream, offsets, vocab_size, where=path)
+    if corpus.num_tokens == 0:
+        raise ValueError(f"{path!r} holds no tokens; give a file with data")
+    return corpus
 
 
 # ------------------------------------------------------------------------------ text sources
@@ -237,7 +308,17 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
     if not os.path.isfile(file):
         raise ValueError(f"no tokenizer at {path!r}; give the path of a Hugging Face "
                          "tokenizer.json (or of the directory holding it), or 'builtin'")
-    return tokenizers.Tokenizer.from_file(file)
+    return _tokenizer_file(file, "restore it, or save the tokenizer again "
+                                 "(tokenizer.save_pretrained / Tokenizer.save)")
+
+
+def _tokenizer_file(path: str, fix: str) -> tokenizers.Tokenizer:
+    """`Tokenizer.from_file`, whose parse errors name neither the file nor a way out."""
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"{path} is not a readable Hugging Face tokenizer.json ({e}); {fix}"
+                         ) from e
 
 
 def eos_id(tokenizer: tokenizers.Tokenizer) -> int | None:
@@ -324,7 +405,7 @@ def builtin_tokenizer(cache_dir: str | None = None, vocab_size: int = BUILTIN_VO
     path = os.path.join(resolve_cache_dir(cache_dir), f"stdlib-bpe{vocab_size}-"
                         f"{_fingerprint(vocab_size, _files_fingerprint(corpus_files))}.json")
     if os.path.exists(path):
-        return tokenizers.Tokenizer.from_file(path)
+        return _tokenizer_file(path, _STALE_CACHE)
     tokenizer = train_tokenizer(corpus_files, vocab_size)
     files.atomic_write(path, lambda f: f.write(tokenizer.to_str().encode()))
     return tokenizer
@@ -339,7 +420,10 @@ def builtin_corpus(split: str, tokenizer: tokenizers.Tokenizer, cache_dir: str |
                        hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
     path = os.path.join(resolve_cache_dir(cache_dir), f"stdlib-{split}-{key}.npz")
     if os.path.exists(path):
-        return TokenizedCorpus.load(path)
+        try:
+            return TokenizedCorpus.load(path)
+        except ValueError as e:
+            raise ValueError(f"{e}. {_STALE_CACHE}") from e
     corpus = tokenize([_read_text(f) for f in files], tokenizer)
     corpus.save(path)
     return corpus
@@ -474,19 +558,19 @@ def _host_batch_size(global_batch_size: int) -> int:
 
 
 def _datasets(train: TokenizedCorpus, validation: TokenizedCorpus,
-              tokenizer: tokenizers.Tokenizer, *, seq_len: int, global_batch_size: int,
-              seed: int) -> Datasets:
+              tokenizer: tokenizers.Tokenizer, *, source: str, seq_len: int,
+              global_batch_size: int, seed: int) -> Datasets:
     vocab_size = tokenizer.get_vocab_size()
     for name, corpus in (("train", train), ("validation", validation)):
         if len(corpus) == 0:
-            raise ValueError(f"the {name} split is empty; give more documents (about "
-                             f"{VALIDATION_PERCENT:g}% of them, by a hash of their names, are "
-                             "held out for validation)")
-        top = int(corpus.tokens.max(initial=0))
-        if top >= vocab_size or int(corpus.tokens.min(initial=0)) < 0:
-            raise ValueError(f"the {name} split has token ids up to {top}, outside the "
-                             f"tokenizer's vocabulary of {vocab_size}; tokenize with the same "
-                             "tokenizer")
+            raise ValueError(f"the {name} split of {source!r} is empty; give more documents "
+                             f"(about {VALIDATION_PERCENT:g}% of them, by a hash of their "
+                             "names, are held out for validation)")
+        check_token_ids(corpus, vocab_size, where=f"the {name} split of {source!r} (checked "
+                        f"against the tokenizer's vocabulary)")
+    if train.num_tokens < seq_len:
+        raise ValueError(f"the train split of {source!r} has {train.num_tokens} tokens, fewer "
+                         f"than one row of seq_len={seq_len}; give more data or lower seq_len")
     batch_size = _host_batch_size(global_batch_size)
     common = dict(seq_len=seq_len, batch_size=batch_size, seed=seed)
     return Datasets(
@@ -509,11 +593,15 @@ def _corpora(source: str, tokenizer: tokenizers.Tokenizer, *, cache_dir: str | N
     if kind in ("text", "jsonl") and location:
         documents = (text_file_documents(location) if kind == "text"
                      else jsonl_documents(location, field))
+        if not any(d.text.strip() for d in documents):
+            raise ValueError(f"every document of {source!r} is empty ({len(documents)} "
+                             "documents); point the glob at files with text")
         train, validation = split_documents(documents, validation_percent)
         return (tokenize([d.text for d in train], tokenizer),
                 tokenize([d.text for d in validation], tokenizer))
     if kind == "npy" and location:
-        corpus = load_token_file(location, eos_id=eos_id(tokenizer))
+        corpus = load_token_file(location, eos_id=eos_id(tokenizer),
+                                 vocab_size=tokenizer.get_vocab_size())
         held_out = np.array([is_validation(str(i), validation_percent)
                              for i in range(len(corpus))], dtype=bool)
         return corpus.select(~held_out), corpus.select(held_out)
@@ -573,8 +661,8 @@ def datasets_from_config(config: DataConfig | Mapping[str, Any], *, seed: int) -
     train, validation = _corpora(config.source, tokenizer, cache_dir=cache_dir,
                                  field=config.jsonl_field,
                                  validation_percent=config.validation_percent)
-    return _datasets(train, validation, tokenizer, seq_len=config.seq_len,
-                     global_batch_size=config.batch_size, seed=seed)
+    return _datasets(train, validation, tokenizer, source=config.source,
+                     seq_len=config.seq_len, global_batch_size=config.batch_size, seed=seed)
 
 
 def builtin_datasets(*, seq_len: int, global_batch_size: int, seed: int,

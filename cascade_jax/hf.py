@@ -33,7 +33,7 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cascade_jax import model, paths
+from cascade_jax import files, model, paths
 from cascade_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -43,6 +43,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_WRITER = "save_pretrained, or hf.save"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's usual "5GB" shards
 
 _FILE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -303,7 +304,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; an HF model directory needs "
                                 f"{CONFIG_FILE} (written by save_pretrained or hf.save)")
-    return json.loads(file.read_text(encoding="utf-8")), str(file)
+    return files.read_json(str(file), _WRITER), str(file)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -316,8 +317,11 @@ class _Checkpoint:
         self.path = path
         index = path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self.where = {name: path / file for name, file in weight_map.items()}
+            weight_map = files.read_json(str(index), _WRITER)
+            if not isinstance(weight_map, dict) or "weight_map" not in weight_map:
+                raise ValueError(f"{index} has no 'weight_map'; it is damaged: download or "
+                                 "export the model again")
+            self.where = {name: path / file for name, file in weight_map["weight_map"].items()}
         elif (path / SINGLE_FILE).is_file():
             self.where = {}
         else:
@@ -326,13 +330,13 @@ class _Checkpoint:
                 f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} (found {found}); convert "
                 f"*.bin/*.pth weights with transformers: from_pretrained(dir)."
                 f"save_pretrained(dir, safe_serialization=True)")
-        files = sorted(set(self.where.values())) or [path / SINGLE_FILE]
+        shards = sorted(set(self.where.values())) or [path / SINGLE_FILE]
         self.handles = {}
-        for file in files:
+        for file in shards:
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is listed in {index} but does not exist; the "
                                         "sharded checkpoint is incomplete, download it again")
-            self.handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+            self.handles[file] = stack.enter_context(_safe_open(file))
         keys = {file: set(handle.keys()) for file, handle in self.handles.items()}
         if not self.where:
             (file, names), = keys.items()
@@ -383,6 +387,17 @@ class _Checkpoint:
         """The param dtype a tensor implies (float64 and others read as float32)."""
         found = _FILE_DTYPES.get(self.slice(name).get_dtype(), "float32")
         return found if found != "float64" else "float32"
+
+
+def _safe_open(file: Path) -> Any:
+    """`safe_open`, whose header errors ("HeaderTooLarge", "InvalidHeaderDeserialization")
+    name no file."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError)
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{e}): its header is damaged or the file was cut short; download "
+                         "or export it again") from e
 
 
 def _few(names: list[str], limit: int = 8) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cascade_jax import token_ids
+
 Batch = dict[str, jax.Array]
 
 
@@ -32,7 +34,13 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token NLL, sum of weights), in float32."""
+    """(sum of weighted token NLL, sum of weights), in float32.
+
+    A target outside [0, V) is not an error by itself: >= V (or < -V) gathers NaN, [-V, 0)
+    wraps to another token's log-prob. With `CASCADE_JAX_CHECK_IDS=1` it is one, naming the
+    id (`token_ids.maybe_check`).
+    """
+    token_ids.maybe_check(targets_BL, logits_BLV.shape[-1], where="targets")
     logprobs_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
     nll_BL = -jnp.take_along_axis(logprobs_BLV, targets_BL[..., None], axis=-1)[..., 0]
     return jnp.sum(nll_BL * weights_BL), jnp.sum(weights_BL)

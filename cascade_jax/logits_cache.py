@@ -20,7 +20,8 @@ Layout of a cache directory (zarr v3, uncompressed, one array per field):
     teacher_logprobs                 [n_rows, seq_len, k]  float32 or bfloat16
     hosts/<i>.json                   what host i wrote (its batch count, its tokens' checksum);
                                      deleted once host 0 has committed
-    metadata.json                    teacher config, mode, k, T, shapes, fingerprint, complete
+    metadata.json                    teacher config, mode, k, T, shapes, fingerprint, complete,
+                                     checksums ('crc32c')
 
 The cached batches are self-contained: the distill step reads tokens and targets from here.
 Row r of batch b is global row `b · rows_per_batch + r`. Each zarr chunk (one file) is one
@@ -33,6 +34,14 @@ going) is never read as a cache: `open_cache` raises an error naming the path.
 
 Reading: `cache_dataset` is a grain pipeline over rows (this host's strided share, shuffled by
 seed each epoch, batched), so its iterator checkpoints like `data.make_lm_dataset`'s.
+
+Integrity: every one-row inner chunk of every array carries a CRC-32C of its bytes (zarr's
+`crc32c` codec, written with the row, checked by tensorstore on every read at memory speed),
+and rows are stored even when they equal the fill value, so a missing chunk is an error, not
+zeros. A flipped byte in a teacher-target file (which otherwise reads back silently, nats off)
+or a lost file is an error naming the cache, the field, the rows and the file; teacher indices
+outside [0, vocab) are refused when written and when read. Caches of format
+`cascade_jax.logits_cache/1` (no checksums) are still read, unchecked, with a warning.
 
 Paths are local directories or URLs tensorstore understands (`gs://bucket/dir`).
 """
@@ -47,6 +56,7 @@ import itertools
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -60,18 +70,21 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
-from cascade_jax import chunks, model, sharding
+from cascade_jax import chunks, files, model, sharding, token_ids
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses, step
 
 Batch = dict[str, np.ndarray]
 
-FORMAT = "cascade_jax.logits_cache/1"
+FORMAT = "cascade_jax.logits_cache/2"
+_UNCHECKED_FORMAT = "cascade_jax.logits_cache/1"  # before per-row checksums: read, with a warning
+CHECKSUMS = "crc32c"
 MODES = losses.SPARSE_MODES
 LOGPROB_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 TOKEN_FIELDS = ("tokens", "segment_ids", "positions")  # [n_rows, seq_len] int32
 TARGET_FIELDS = step.CACHED_KEYS  # teacher_idx, teacher_logprobs: [n_rows, seq_len, k]
 METADATA = "metadata.json"
+_REWRITE = "write the cache again (write_cache(..., overwrite=True))"
 
 
 # ------------------------------------------------------------------------------ description
@@ -94,6 +107,7 @@ class CacheInfo:
     fingerprint: str
     teacher_id: str | None = None  # the caller's name for the teacher weights
     complete: bool = True
+    checksums: str | None = CHECKSUMS  # None: an older cache whose rows are read unchecked
 
     @property
     def vocab_size(self) -> int:
@@ -106,18 +120,29 @@ class CacheInfo:
 
     @classmethod
     def from_json(cls, path: str, meta: Mapping[str, Any]) -> CacheInfo:
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{_join(path, METADATA)} has format {meta.get('format')!r}, this "
+        source = _join(path, METADATA)
+        if meta.get("format") not in (FORMAT, _UNCHECKED_FORMAT):
+            raise ValueError(f"{source} has format {meta.get('format')!r}, this "
                              f"code reads {FORMAT!r}; write the cache again with this version")
         names = {f.name for f in dataclasses.fields(cls)} - {"path"}
         fields = {name: meta[name] for name in names if name in meta}
-        fields["teacher"] = ModelConfig(**meta["teacher"])
-        return cls(path=path, **fields)
+        if meta["format"] == _UNCHECKED_FORMAT:
+            warnings.warn(f"the logits cache at {path} predates per-row checksums: its rows "
+                          "are read unchecked, so a damaged file goes unnoticed; write it "
+                          "again to have them checked", stacklevel=3)
+            fields["checksums"] = None
+        try:
+            fields["teacher"] = ModelConfig(**meta["teacher"])
+            return cls(path=path, **fields)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source} is damaged ({type(e).__name__}: {e}); write the cache "
+                             "again (write_cache(..., overwrite=True))") from e
 
 
 def bytes_per_token(info: CacheInfo) -> int:
     """Bytes on disk per cached position: k · (4 + 4 or 2) for the targets plus 12 for the
-    token, segment id and position (int32 each); zarr chunk indexes add ~16 bytes per row."""
+    token, segment id and position (int32 each); each row adds ~20 bytes per field on disk
+    (its 16-byte entry in the file's chunk index and its 4-byte CRC-32C)."""
     return info.k * (4 + LOGPROB_DTYPES[info.logprob_dtype].itemsize) + 4 * len(TOKEN_FIELDS)
 
 
@@ -234,7 +259,10 @@ def _open_kv(path: str) -> ts.KvStore:
 
 def _read_json(kv: ts.KvStore, key: str) -> Any:
     found = kv.read(key).result()
-    return json.loads(found.value) if found.state == "value" else None
+    if found.state != "value":
+        return None
+    return files.parse_json(found.value, kv.url.removeprefix("file://") + key,
+                            written_by="logits_cache.write_cache")
 
 
 def _write_json(kv: ts.KvStore, key: str, obj: Any) -> None:
@@ -251,24 +279,31 @@ def _field_layout(info: CacheInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     return layout
 
 
+def _array_kvstore(path: str, name: str) -> dict[str, Any]:
+    kvstore = _kvstore(path)
+    kvstore["path"] = kvstore["path"] + name + "/"
+    return kvstore
+
+
 def _array_spec(path: str, name: str, shape: tuple[int, ...], dtype: str,
                 rows_per_file: int) -> dict[str, Any]:
     """zarr v3: one file per `rows_per_file` rows (one host's rows of one batch), inside it
-    one-row chunks that a reader fetches alone."""
-    kvstore = _kvstore(path)
-    kvstore["path"] = kvstore["path"] + name + "/"
+    one-row chunks that a reader fetches alone, each with its CRC-32C; all-zero rows (padding)
+    are stored too, so that a reader can treat every absent row as lost."""
     little = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    checksum = [{"name": CHECKSUMS}]
     return {
         "driver": "zarr3",
-        "kvstore": kvstore,
+        "kvstore": _array_kvstore(path, name),
+        "store_data_equal_to_fill_value": True,
         "metadata": {
             "shape": list(shape),
             "data_type": dtype,
             "chunk_grid": {"name": "regular",
                            "configuration": {"chunk_shape": [rows_per_file, *shape[1:]]}},
             "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": [1, *shape[1:]], "codecs": little,
-                "index_codecs": [*little, {"name": "crc32c"}]}}],
+                "chunk_shape": [1, *shape[1:]], "codecs": [*little, *checksum],
+                "index_codecs": [*little, *checksum]}}],
         },
     }
 
@@ -281,11 +316,10 @@ def _open_arrays(info: CacheInfo, host_rows: int, *, create: bool) -> dict[str, 
             spec = _array_spec(info.path, name, shape, dtype, host_rows)
             stores[name] = ts.open(spec, create=True, open=True).result()
             continue
-        kvstore = _kvstore(info.path)
-        kvstore["path"] = kvstore["path"] + name + "/"
+        spec = {"driver": "zarr3", "kvstore": _array_kvstore(info.path, name),
+                "fill_missing_data_reads": info.checksums is None}
         try:
-            store = ts.open({"driver": "zarr3", "kvstore": kvstore}, open=True,
-                            read=True).result()
+            store = ts.open(spec, open=True, read=True).result()
         except ValueError as e:
             raise ValueError(f"the logits cache at {info.path} lacks a readable array "
                              f"{name!r} ({e}); write the cache again") from e
@@ -319,8 +353,11 @@ def host_row_range(batch_index: int, host_rows: int, process_index: int, process
     return start, start + host_rows
 
 
-def _with_defaults(batch: Mapping[str, Any]) -> Batch:
-    """The batch contract's three int32 arrays; segment ids and positions filled if absent."""
+def _with_defaults(batch: Mapping[str, Any], index: int, vocab_size: int) -> Batch:
+    """The batch contract's three int32 arrays; segment ids and positions filled if absent.
+    Token ids are checked against the teacher's vocabulary before the cast."""
+    token_ids.check(batch["tokens"], vocab_size,
+                    where=f"tokens of batch {index} given to write_cache")
     tokens = np.asarray(batch["tokens"], np.int32)
     segment_ids = batch.get("segment_ids")
     segment_ids = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids,
@@ -403,14 +440,18 @@ def _prepare(info: CacheInfo, host_rows: int, *, overwrite: bool, process_index:
     return _open_arrays(info, host_rows, create=True)
 
 
-def _write_batch(stores: Mapping[str, ts.TensorStore], start: int, batch: Batch,
-                 targets: tuple[Any, Any]) -> list[ts.Future]:
+def _write_batch(stores: Mapping[str, ts.TensorStore], vocab_size: int, start: int,
+                 batch: Batch, targets: tuple[Any, Any]) -> list[ts.Future]:
     """Starts writing one host's rows of one batch (waiting for its targets to be computed);
-    the futures finish once it is on disk."""
+    the futures finish once it is on disk. Indices outside the vocabulary are refused."""
     idx_BLk, logprobs_BLk = targets
     fields = dict(batch, teacher_idx=np.asarray(idx_BLk),
                   teacher_logprobs=np.asarray(logprobs_BLk))
     stop = start + batch["tokens"].shape[0]
+    token_ids.check(fields["teacher_idx"], vocab_size,
+                    where=f"teacher indices for rows [{start}, {stop})",
+                    fix="the teacher's params have another vocab_size than teacher_cfg: "
+                    "pass the config the params were made with")
     return [stores[name][start:stop].write(value) for name, value in fields.items()]
 
 
@@ -471,7 +512,7 @@ def write_cache(path: str, teacher_cfg: ModelConfig, teacher_params: model.Param
     planned = _planned_batches(batches, max_batches)
     iterator = iter(batches)
     try:
-        first = _with_defaults(next(iterator))
+        first = _with_defaults(next(iterator), 0, teacher_cfg.vocab_size)
     except StopIteration:
         raise ValueError("batches is empty: nothing to cache") from None
     host_rows, seq_len = first["tokens"].shape
@@ -490,7 +531,8 @@ def write_cache(path: str, teacher_cfg: ModelConfig, teacher_params: model.Param
                     desc="teacher cache", unit="batch", dynamic_ncols=True)
     with bar:
         n_batches, checksum = _stream_to_disk(
-            stores, _numbered(first, iterator, planned), targets,
+            stores, teacher_cfg.vocab_size,
+            _numbered(first, iterator, planned, teacher_cfg.vocab_size), targets,
             lambda index: host_row_range(index, host_rows, process_index, process_count)[0],
             seed, bar)
 
@@ -526,9 +568,10 @@ def _targets_fn(cfg: ModelConfig, params: model.Params, mesh: Mesh | None,
     return sharded
 
 
-def _stream_to_disk(stores: Mapping[str, ts.TensorStore], batches: Iterator[tuple[int, Batch]],
-                    targets: TargetsFn, first_row: Callable[[int], int], seed: int,
-                    bar: tqdm.tqdm) -> tuple[int, int]:
+def _stream_to_disk(stores: Mapping[str, ts.TensorStore], vocab_size: int,
+                    batches: Iterator[tuple[int, Batch]], targets: TargetsFn,
+                    first_row: Callable[[int], int], seed: int, bar: tqdm.tqdm
+                    ) -> tuple[int, int]:
     """Teacher pass and writes, overlapped: batch i's targets are fetched and written while
     batch i + 1 computes; at most 2 batches' writes are in flight. Returns (batches written,
     the rows' checksum)."""
@@ -543,7 +586,7 @@ def _stream_to_disk(stores: Mapping[str, ts.TensorStore], batches: Iterator[tupl
                              f"{shape}; every batch must have the same shape")
         out = targets(batch, jax.random.fold_in(jax.random.key(seed), index))
         if pending is not None:
-            in_flight.append(_write_batch(stores, *pending))
+            in_flight.append(_write_batch(stores, vocab_size, *pending))
         pending = (first_row(index), batch, out)
         checksum = (checksum + _rows_checksum(batch["tokens"], first_row(index))) % 2**64
         while len(in_flight) > 2:
@@ -553,18 +596,18 @@ def _stream_to_disk(stores: Mapping[str, ts.TensorStore], batches: Iterator[tupl
         tokens = n_batches * batch["tokens"].size
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
     if pending is not None:
-        in_flight.append(_write_batch(stores, *pending))
+        in_flight.append(_write_batch(stores, vocab_size, *pending))
     for futures in in_flight:
         _wait(futures)
     return n_batches, checksum
 
 
-def _numbered(first: Batch, rest: Iterator[Mapping[str, Any]], limit: int
+def _numbered(first: Batch, rest: Iterator[Mapping[str, Any]], limit: int, vocab_size: int
               ) -> Iterator[tuple[int, Batch]]:
     """(index, batch) for at most `limit` batches, never pulling one more from `rest`."""
     yield 0, first
     for index, batch in enumerate(itertools.islice(rest, limit - 1), start=1):
-        yield index, _with_defaults(batch)
+        yield index, _with_defaults(batch, index, vocab_size)
 
 
 def _wait(futures: list[ts.Future]) -> None:
@@ -613,8 +656,8 @@ class CacheSource:
             raise IndexError(f"row {row} is outside the cache's {self.info.n_rows} rows")
         if self._stores is None:
             self._stores = _open_arrays(self.info, 1, create=False)
-        reads = {name: store[int(row)].read() for name, store in self._stores.items()}
-        return {name: future.result() for name, future in reads.items()}
+        rows = _read_rows(self.info, self._stores, int(row), int(row) + 1)
+        return {name: value[0] for name, value in rows.items()}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"info": self.info, "_stores": None}
@@ -625,9 +668,27 @@ class CacheSource:
 
 def read_rows(info: CacheInfo, start: int, stop: int) -> Batch:
     """Rows [start, stop) of every field, in one read each (tests, inspection)."""
-    stores = _open_arrays(info, 1, create=False)
+    return _read_rows(info, _open_arrays(info, 1, create=False), start, stop)
+
+
+def _read_rows(info: CacheInfo, stores: Mapping[str, ts.TensorStore], start: int, stop: int
+               ) -> Batch:
+    """Rows [start, stop) of every field, each row's checksum verified by tensorstore as it
+    is read; a damaged or lost row, or a teacher index outside the vocabulary, is an error
+    naming the cache, the field, the rows and the file."""
     reads = {name: store[start:stop].read() for name, store in stores.items()}
-    return {name: future.result() for name, future in reads.items()}
+    rows = {}
+    for name, future in reads.items():
+        try:
+            rows[name] = future.result()
+        except ValueError as e:
+            raise ValueError(f"the logits cache at {info.path} is corrupt: {name!r} rows "
+                             f"[{start}, {stop}) cannot be read back intact ({e}); "
+                             f"{_REWRITE}") from e
+    token_ids.check(rows["teacher_idx"], info.vocab_size,
+                    where=f"the logits cache at {info.path} is corrupt: 'teacher_idx' rows "
+                    f"[{start}, {stop})", fix=_REWRITE)
+    return rows
 
 
 def cache_dataset(path: str | CacheInfo, *, global_batch_size: int, seed: int,

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cascade_jax import chunks
+from cascade_jax import chunks, token_ids
 from cascade_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -309,6 +309,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens_BL: jax.Array, segment_ids_BL: jax.Array | None = None,
                  positions_BL: jax.Array | None = None, *, logits: bool = True) -> jax.Array:
         cfg = self.cfg
+        if token_ids.enabled():  # off by default: see check_tokens
+            check_tokens(cfg, tokens_BL)
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones_like(tokens_BL)
         if positions_BL is None:
@@ -335,6 +337,21 @@ def _dummy_tokens(cfg: ModelConfig) -> jax.Array:
     return jnp.zeros((1, 1), jnp.int32)
 
 
+def check_tokens(cfg: ModelConfig, tokens_BL: Any) -> None:
+    """Raise ValueError naming the first token id outside [0, cfg.vocab_size) and where it is.
+
+    Why: unchecked, a bad id does not fail. The embedding lookup is `jnp.take` (mode 'fill'):
+    an id >= V or < -V reads NaN, so the logits of its whole row (a masked attention weight
+    of 0 times NaN is NaN) and the loss turn NaN with no culprit named; an id in [-V, 0)
+    wraps to row V + id, giving finite, silently wrong logits. The model
+    runs this check itself only under `CASCADE_JAX_CHECK_IDS=1` (or `token_ids.checking()`),
+    as under `jit` it is a host callback per call; the data pipeline checks ids when they
+    enter (`data.check_token_ids`). Concrete arrays are checked on the host at once; traced
+    ones when the compiled function runs (a `JaxRuntimeError` carrying this message).
+    """
+    token_ids.check_in_graph(tokens_BL, cfg.vocab_size, where="tokens")
+
+
 def init(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Fresh params (plain arrays, no logical-axis boxes). For sharded init see `sharding`."""
     return nn.unbox(Decoder(cfg).init(rng, _dummy_tokens(cfg), logits=True)["params"])
@@ -357,7 +374,8 @@ def forward(cfg: ModelConfig, params: Params, tokens_BL: jax.Array,
     """Next-token logits, [B, L, V] float32.
 
     `segment_ids_BL` (0 = padding) keeps packed documents from attending to each other;
-    `positions_BL` defaults to the position within each segment.
+    `positions_BL` defaults to the position within each segment. Token ids must lie in
+    [0, V): others give NaN or wrong logits unless checked (see `check_tokens`).
     """
     return Decoder(cfg).apply({"params": params}, tokens_BL, segment_ids_BL, positions_BL)
 

@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import data, hf, loop, model, prune, sharding, steps
+from cascade_jax import data, files, hf, loop, model, prune, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune import importance as importance_lib
 from cascade_jax.prune import surgery
@@ -191,9 +191,14 @@ def calibration_loss(cfg: ModelConfig, params: model.Params, batches: Sequence[A
 # ------------------------------------------------------------------------------ output
 
 
+def _hf_config(hf_in: str) -> dict[str, Any]:
+    """The parent's config.json as a dict; a damaged one is an error naming it."""
+    return files.read_json(os.path.join(hf_in, hf.CONFIG_FILE), "save_pretrained, or hf.save")
+
+
 def architecture(hf_in: str) -> str:
     """The parent's architecture name, so the child loads as the same class."""
-    config = json.loads((Path(hf_in) / hf.CONFIG_FILE).read_text(encoding="utf-8"))
+    config = _hf_config(hf_in)
     names = config.get("architectures") or []
     if names and names[0] in hf.ARCHITECTURES:
         return names[0]
@@ -201,7 +206,7 @@ def architecture(hf_in: str) -> str:
 
 
 def carried_config(hf_in: str) -> dict[str, Any]:
-    config = json.loads((Path(hf_in) / hf.CONFIG_FILE).read_text(encoding="utf-8"))
+    config = _hf_config(hf_in)
     return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
 
 

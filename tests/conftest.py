@@ -5,6 +5,7 @@ module imports jax (nothing imported here imports jax). Single-device computatio
 on device 0.
 """
 
+import hashlib
 import os
 import shutil
 
@@ -29,3 +30,27 @@ def corpus_dir(tmp_path_factory) -> str:
                                      vocab_size=320)
     tokenizer.save(str(directory / "tokenizer.json"))
     return str(directory)
+
+
+def _tree_hash(path) -> str:
+    """sha256 of every file name and byte under `path` (or of the file `path`)."""
+    digest = hashlib.sha256()
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        digest.update(os.path.relpath(root, path).encode() + b"/\0")
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0")
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def tree_hash():
+    """`tree_hash(path)`: a digest of every name and byte under `path`. Equal before and after
+    a refused call proves the refusal wrote, moved and deleted nothing."""
+    return _tree_hash

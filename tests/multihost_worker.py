@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from cascade_jax import model, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses, step
+from cascade_jax.prune.importance import params_fingerprint
 
 STUDENT = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                       head_dim=8, d_ff=48)
@@ -58,8 +59,9 @@ def process_rows(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh
     return {name: value[ranges[0][0]:ranges[-1][1]] for name, value in batch.items()}
 
 
-def run(mesh: jax.sharding.Mesh) -> tuple[list[float], dict[str, np.ndarray]]:
-    """(loss per step, final student params gathered to host, flattened by key path)."""
+def run(mesh: jax.sharding.Mesh) -> tuple[list[float], dict[str, np.ndarray], str]:
+    """(loss per step, final student params gathered to host, flattened by key path, their
+    `params_fingerprint` taken on the sharded params, which every process must agree on)."""
     optimizer = steps.make_optimizer(lr=1e-2, total_steps=10, warmup_steps=1)
     state = step.create_state(DCFG, optimizer, mesh, rng=jax.random.key(0))
     teacher = sharding.init_params(TEACHER, jax.random.key(1), mesh)
@@ -69,10 +71,11 @@ def run(mesh: jax.sharding.Mesh) -> tuple[list[float], dict[str, np.ndarray]]:
         local = process_rows(global_batch(i), mesh)
         state, metrics = step_fn(state, teacher, sharding.shard_batch(local, mesh))
         losses_.append(float(metrics["loss_sum"]) / float(metrics["count"]))
+    fingerprint = params_fingerprint(state.params)
     params = multihost_utils.process_allgather(state.params, tiled=True)
     flat = {jax.tree_util.keystr(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    return losses_, flat
+    return losses_, flat, fingerprint
 
 
 def main(argv: list[str]) -> None:
@@ -83,12 +86,13 @@ def main(argv: list[str]) -> None:
                                initialization_timeout=60)
     try:
         mesh = sharding.make_mesh(**MESH)
-        losses_, params = run(mesh)
+        losses_, params, fingerprint = run(mesh)
         if jax.process_index() == 0:
             np.savez(out, losses=np.asarray(losses_), **{f"param:{k}": v
                                                           for k, v in params.items()})
         print(f"process {process_id}/{num_processes}: {jax.local_device_count()} local of "
-              f"{jax.device_count()} devices, losses {losses_}", flush=True)
+              f"{jax.device_count()} devices, losses {losses_}, params fingerprint "
+              f"{fingerprint}", flush=True)
     finally:
         jax.distributed.shutdown()
 

@@ -4,7 +4,6 @@ changed (a hash of the directory before and after). The file and API inputs are 
 `tests/test_bad_inputs.py`."""
 
 import errno
-import hashlib
 import os
 import pathlib
 import subprocess
@@ -31,19 +30,6 @@ from experiments import common
 from experiments import prune as prune_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tree_hash(directory) -> str:
-    """Every path, size and byte under `directory` (missing: a fixed value)."""
-    directory = pathlib.Path(directory)
-    if not directory.exists():
-        return "missing"
-    digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        digest.update(str(path.relative_to(directory)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def train_config(corpus_dir: str, workdir: str, **changes) -> ml_collections.ConfigDict:
@@ -84,7 +70,7 @@ def train_run(corpus_dir, tmp_path_factory) -> str:
 # ------------------------------------------------------------------------ run directories
 
 
-def test_train_into_another_configs_run_is_refused_untouched(train_run, corpus_dir):
+def test_train_into_another_configs_run_is_refused_untouched(train_run, corpus_dir, tree_hash):
     before = tree_hash(train_run)
     config = train_config(corpus_dir, train_run, optim=dict(lr=3e-3, warmup_steps=1))
     with pytest.raises(rundir.WorkdirError, match=r"different config \(differs in \['optim'\]\)"):
@@ -97,7 +83,7 @@ def test_rerunning_the_same_train_run_resumes_it(train_run, corpus_dir):
     assert summary["steps"] == 4
 
 
-def test_train_into_a_cascade_stage_is_refused_untouched(corpus_dir, tmp_path):
+def test_train_into_a_cascade_stage_is_refused_untouched(corpus_dir, tmp_path, tree_hash):
     stage = tmp_path / "cascade" / "root"
     rundir.mark_stage(str(stage), run=str(tmp_path / "cascade"), stage="root")
     (stage / "result.json").write_text("{}")
@@ -108,7 +94,7 @@ def test_train_into_a_cascade_stage_is_refused_untouched(corpus_dir, tmp_path):
     assert tree_hash(tmp_path) == before
 
 
-def test_train_into_an_unrelated_directory_is_refused_untouched(corpus_dir, tmp_path):
+def test_train_into_an_unrelated_directory_is_refused_untouched(corpus_dir, tmp_path, tree_hash):
     (tmp_path / "notes.txt").write_text("mine")
     before = tree_hash(tmp_path)
     with pytest.raises(rundir.WorkdirError, match=r"is not empty \(notes.txt\) and was not made "
@@ -117,7 +103,7 @@ def test_train_into_an_unrelated_directory_is_refused_untouched(corpus_dir, tmp_
     assert tree_hash(tmp_path) == before
 
 
-def test_a_cascade_into_a_train_run_is_refused_untouched(train_run, corpus_dir):
+def test_a_cascade_into_a_train_run_is_refused_untouched(train_run, corpus_dir, tree_hash):
     before = tree_hash(train_run)
     with pytest.raises(rundir.WorkdirError, match="holds a train run, not a cascade run"):
         cascade.run(cascade_config(corpus_dir, train_run), progress=False)
@@ -170,7 +156,7 @@ def test_cascade_checks_fail_in_seconds_and_leave_the_directory_unclaimed(corpus
 # ----------------------------------------------------------------------------- the CLI
 
 
-def test_prune_overwrite_never_touches_the_parent_or_foreign_files(tmp_path):
+def test_prune_overwrite_never_touches_the_parent_or_foreign_files(tmp_path, tree_hash):
     parent = tmp_path / "models" / "parent"
     parent.mkdir(parents=True)
     (parent / "config.json").write_text("{}")
@@ -231,7 +217,7 @@ def test_a_cli_error_ends_with_the_cause(tmp_path):
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(tmp_path):
+def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(tmp_path, tree_hash):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock = tmp_path / rundir.LOCK_FILE

@@ -340,10 +340,10 @@ def test_bad_sources_and_vocabularies_are_named(small_tokenizer, tmp_path):
     base = dict(tokenizer=path, seq_len=16, batch_size=4, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="'csv:x' is not one of"):
         data.datasets_from_config(dict(base, source="csv:x"), seed=0)
-    np.save(tmp_path / "big.npy", np.arange(5000, dtype=np.int32))
-    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
-        data.datasets_from_config(dict(base, source=f"npy:{tmp_path}/big.npy",
-                                       validation_percent=0), seed=0)
+    np.save(tmp_path / "big.npy", np.arange(5000, dtype=np.int32))  # EOS = 1 ends document 0
+    with pytest.raises(ValueError, match=r"big\.npy: token id 300 at position 300 \(document "
+                                         r"1\) is outside the vocabulary \[0, 300\)"):
+        data.datasets_from_config(dict(base, source=f"npy:{tmp_path}/big.npy"), seed=0)
 
 
 def test_global_batch_must_split_over_hosts(monkeypatch):

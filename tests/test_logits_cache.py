@@ -4,6 +4,7 @@ the proof that matters: with top-k over the whole vocabulary (k = V) the cached 
 online step, in loss and in updated params."""
 
 import functools
+import json
 import os
 
 import jax
@@ -106,7 +107,9 @@ def test_bfloat16_targets_and_bytes_per_token(teacher, tmp_path):
     on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(info.path)
                   for f in fs if "/c/" in os.path.join(d, f) + "/")
     payload = info.n_rows * info.seq_len * logits_cache.bytes_per_token(info)
-    assert payload <= on_disk <= 1.1 * payload  # + the one-row chunks' index
+    per_row = 5 * (16 + 4)  # each field's row: its chunk-index entry and its CRC-32C
+    overhead = info.n_rows * per_row
+    assert payload + overhead <= on_disk <= 1.01 * (payload + overhead)
 
 
 def test_stops_at_max_batches_or_when_the_batches_run_out(teacher, tmp_path):
@@ -160,6 +163,81 @@ def test_a_complete_cache_is_not_overwritten_by_accident(teacher, full_cache):
     with pytest.raises(ValueError, match=r"already holds a complete logits cache.*"
                                          r"overwrite=True"):
         _write(full_cache.path, teacher)
+
+
+# ------------------------------------------------------------------------- damaged caches
+
+
+def _flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.fixture
+def small_cache(teacher, tmp_path):
+    """Two batches, top-8, float32: file c/1/0/0 of each field holds rows [8, 16)."""
+    return _write(tmp_path / "small", teacher, batches=BATCHES[:2], k=8)
+
+
+def test_flipped_bytes_in_a_target_chunk_are_an_error_naming_file_and_rows(small_cache,
+                                                                            tree_hash):
+    """Without the per-row CRC-32C these rows read back silently, a few nats off."""
+    chunk = os.path.join(small_cache.path, "teacher_logprobs", "c", "1", "0", "0")
+    _flip_byte(chunk, 4 * LENGTH * 8 + 4 + 2)  # inside row 9 (row 1 of the file's 8)
+    before = tree_hash(small_cache.path)
+    clean = logits_cache.read_rows(small_cache, 0, ROWS)  # the other file is intact
+    assert clean["teacher_logprobs"].shape == (ROWS, LENGTH, 8)
+    message = (f"logits cache at {small_cache.path} is corrupt: 'teacher_logprobs' rows "
+               r"\[8, 16\) .*" + chunk + r".*write_cache\(..., overwrite=True\)")
+    with pytest.raises(ValueError, match=message):
+        logits_cache.read_rows(small_cache, ROWS, 2 * ROWS)
+    source = logits_cache.CacheSource(small_cache)
+    assert source[8]["tokens"].shape == (LENGTH,)  # row 8 is intact: rows are checked alone
+    with pytest.raises(ValueError, match=r"'teacher_logprobs' rows \[9, 10\) .*Digest"):
+        source[9]
+    batches = logits_cache.cache_dataset(small_cache, global_batch_size=2 * ROWS, seed=0,
+                                         num_epochs=1, shard_index=0, shard_count=1)
+    with pytest.raises(Exception, match="is corrupt"):  # grain may wrap it
+        list(batches)
+    assert tree_hash(small_cache.path) == before
+
+
+def test_a_lost_chunk_file_is_an_error_not_zeros(small_cache, tree_hash):
+    os.remove(os.path.join(small_cache.path, "teacher_idx", "c", "0", "0", "0"))
+    before = tree_hash(small_cache.path)
+    with pytest.raises(ValueError, match=r"'teacher_idx' rows \[0, 1\) .*missing"):
+        logits_cache.CacheSource(small_cache)[0]
+    assert tree_hash(small_cache.path) == before
+
+
+def test_padding_rows_are_stored_so_they_read_back(teacher, tmp_path):
+    """All-zero rows equal zarr's fill value; they must be written, or a strict read (one that
+    refuses lost rows) would take them for lost."""
+    batch = {k: v.copy() for k, v in BATCHES[0].items()}
+    batch["segment_ids"][-1] = 0
+    batch["tokens"][-1] = 0
+    batch["positions"][-1] = 0
+    info = _write(tmp_path / "padded", teacher, batches=[batch], k=4)
+    rows = logits_cache.read_rows(info, 0, ROWS)
+    assert not rows["segment_ids"][-1].any() and not rows["positions"][-1].any()
+
+
+def test_a_cache_of_the_format_before_checksums_reads_with_a_warning(small_cache):
+    meta_path = os.path.join(small_cache.path, "metadata.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["format"] = "cascade_jax.logits_cache/1"
+    del meta["checksums"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.warns(UserWarning, match="predates per-row checksums.*write it again"):
+        info = logits_cache.open_cache(small_cache.path)
+    assert info.checksums is None
+    np.testing.assert_array_equal(logits_cache.read_rows(info, 0, ROWS)["tokens"],
+                                  BATCHES[0]["tokens"])
 
 
 # ---------------------------------------------------------------------------- many hosts

@@ -203,3 +203,20 @@ def test_param_tree_and_logical_axes_agree():
             axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)), strict=True):
         assert len(shape.shape) == len(spec)
     assert sum(s.size for s in jax.tree.leaves(shapes)) == CFG.num_params()
+
+
+def test_out_of_vocabulary_ids_are_nan_or_silently_wrapped_as_documented():
+    """What `model.check_tokens` documents for unchecked ids: >= V (or < -V) reads NaN,
+    [-V, 0) wraps to row V + id (finite and wrong), so data must be checked where it enters."""
+    cfg = CFG.replace(n_layers=1)
+    params = model.init(cfg, jax.random.key(0))
+    forward = jax.jit(model.forward, static_argnums=0)
+    v = cfg.vocab_size
+
+    def logits_with(token):
+        return forward(cfg, params, jnp.array([[3, token, 5]]))
+
+    for beyond in (v, v + 7, -v - 1):  # the whole row, earlier positions too: the masked
+        assert jnp.isnan(logits_with(beyond)).all()  # attention weight is 0, and 0 · NaN = NaN
+    np.testing.assert_array_equal(logits_with(-1), logits_with(v - 1))  # wrapped, no error
+    np.testing.assert_array_equal(logits_with(-v), logits_with(0))

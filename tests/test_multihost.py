@@ -6,6 +6,7 @@ distillation through a projection, gradient accumulation over 2 micro-batches, 3
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -66,9 +67,11 @@ def test_two_processes_equal_one_process(tmp_path):
     log = _launch(2, 4, out, tmp_path)
     assert "process 0/2: 4 local of 8 devices" in log
     assert "process 1/2: 4 local of 8 devices" in log
+    fingerprints = re.findall(r"params fingerprint ([0-9a-f]{16})", log)
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]  # hosts agree
 
     assert len(jax.devices()) == 8  # the reference: the same mesh in this one process
-    losses, params = multihost_worker.run(sharding.make_mesh(**multihost_worker.MESH))
+    losses, params, _ = multihost_worker.run(sharding.make_mesh(**multihost_worker.MESH))
     result = np.load(out)
     # Tolerance: losses rtol 1e-5, params rtol 1e-4 / atol 1e-6 (gloo's all-reduce may add in
     # another order than the in-process one).

@@ -15,7 +15,7 @@ import pytest
 from cascade_jax import model, plots, sharding
 from cascade_jax.config import ModelConfig
 from cascade_jax.prune import importance
-from cascade_jax.prune.importance import Importance, estimate_importance
+from cascade_jax.prune.importance import Importance, estimate_importance, params_fingerprint
 
 # vocab/heads/d_ff divisible by tensor=2, d_model by fsdp=2; a window and tied embeddings so
 # the scan path's mask and embedding are exercised too.
@@ -210,6 +210,19 @@ def test_sharded_scores_equal_single_device(params, batches, default_scores):
     sharded = estimate_importance(CFG, sharded_params, batches, mesh=mesh, progress=False)
     # same math, different reduction order across devices: float32 rounding only
     _assert_scores_close(sharded, default_scores, rtol=1e-5)
+    # but the params' fingerprint is exact: the same on any layout
+    assert sharded.params_fingerprint == default_scores.params_fingerprint
+
+
+def test_params_fingerprint_tells_values_apart_and_ignores_layout(params):
+    fingerprint = params_fingerprint(params)
+    assert len(fingerprint) == 16 and fingerprint == params_fingerprint(params)
+    assert params_fingerprint(jax.tree.map(np.asarray, params)) == fingerprint  # host arrays
+    other = _randomized_params(CFG, seed=1)
+    assert params_fingerprint(other) != fingerprint  # same shapes, other values
+    nudged = jax.tree.map(np.array, params)  # a copy
+    nudged["final_norm"]["scale"][-1] += 1e-3
+    assert params_fingerprint(nudged) != fingerprint  # one sampled element moved
 
 
 def test_bfloat16_compute_accumulates_float32_close_to_float32(params, batches,
@@ -267,9 +280,10 @@ def test_save_load_round_trip_and_shape_check(default_scores, tmp_path):
     with pytest.raises(ValueError, match="n_heads: scores 4 vs model 8"):
         Importance.load(path, CFG.replace(n_heads=8, n_kv_heads=2))
 
+    assert loaded.params_fingerprint == default_scores.params_fingerprint is not None
     bad = tmp_path / "not_scores.npz"
     np.savez(bad, neuron=np.zeros(3))
-    with pytest.raises(ValueError, match="is not an importance file"):
+    with pytest.raises(ValueError, match=r"not_scores\.npz lacks the arrays \['__meta__'"):
         Importance.load(bad)
     with np.load(path) as data:  # arrays that contradict their own config are caught
         arrays = {k: data[k] for k in data.files}

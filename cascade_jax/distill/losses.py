@@ -50,6 +50,10 @@ Metrics are token-weighted sums (`loss_sum`, `kd_sum` (the configured divergence
 included), `ce_sum`, `top1_agreement_sum` (student argmax == teacher argmax), `count`), so
 averages over chunks, hosts and steps weigh by tokens (MaxText's distillation_utils keeps
 (sum, count) pairs the same way).
+
+Targets and teacher indices outside [0, V) gather NaN (or, in [-V, 0), another token's value)
+rather than fail; under `CASCADE_JAX_CHECK_IDS=1` every public loss refuses them by value
+(`cascade_jax.token_ids`).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cascade_jax import chunks, lm
+from cascade_jax import chunks, lm, token_ids
 
 Metrics = dict[str, jax.Array]
 
@@ -361,6 +365,7 @@ def distill_loss_from_logits(student_logits_BLV: jax.Array, teacher_logits_BLV: 
     _check_vocab(student_logits_BLV.shape[-1], teacher_logits_BLV.shape[-1])
     _check_tokens("student logits", student_logits_BLV, targets_BL, weights_BL)
     _check_tokens("teacher logits", teacher_logits_BLV, targets_BL, weights_BL)
+    token_ids.maybe_check(targets_BL, student_logits_BLV.shape[-1], where="targets")
     return _finish(_objective_sums(_Objective(spec, "dense"), student_logits_BLV,
                                    (teacher_logits_BLV,), targets_BL, weights_BL))
 
@@ -382,6 +387,7 @@ def distill_loss(student_hidden_BLD: jax.Array, student_head_DV: jax.Array,
     _check_vocab(student_head_DV.shape[-1], teacher_head_DV.shape[-1])
     _check_tokens("student hidden", student_hidden_BLD, targets_BL, weights_BL)
     _check_tokens("teacher hidden", teacher_hidden_BLD, targets_BL, weights_BL)
+    token_ids.maybe_check(targets_BL, student_head_DV.shape[-1], where="targets")
     teacher_hidden_BLD, teacher_head_DV = jax.lax.stop_gradient(
         (teacher_hidden_BLD, teacher_head_DV))
     if spec.chunk_size is None:
@@ -419,6 +425,8 @@ def sparse_distill_loss(student_hidden_BLD: jax.Array, student_head_DV: jax.Arra
         raise ValueError(f"teacher indices {teacher_idx_BLk.shape} and log-probs "
                          f"{teacher_logprobs_BLk.shape} must have the same [B, L, k] shape")
     vocab = student_head_DV.shape[-1]
+    token_ids.maybe_check(targets_BL, vocab, where="targets")
+    token_ids.maybe_check(teacher_idx_BLk, vocab, where="teacher indices")
     if teacher_idx_BLk.shape[-1] > vocab:
         raise ValueError(f"k={teacher_idx_BLk.shape[-1]} teacher targets exceed the student "
                          f"vocab V={vocab}; the cache must come from a teacher with the same V")

@@ -38,6 +38,10 @@ per-sequence values, merged batch by batch with Chan et al.'s parallel update. E
 aggregation is read off those moments at the end: 'mean' = mean, 'var' = M2 / n, and
 'l2' = sqrt(M2 + n·mean²) = sqrt(Σ s²) (so the square root is taken once, at the end).
 
+Identity: the scores carry `params_fingerprint`, a hash of a few fixed elements of every
+param (`params_fingerprint`), and `prune.prune` refuses them for params with another one, since
+scores of another checkpoint of the same shape pass every shape check and cut the wrong rows.
+
 Cost: the blocks run in our own `lax.scan` over the stacked layer params, reusing
 `model.Block`, and each layer's activations are reduced inside the scan body, so the
 [N, B, L, ...] intermediates are never materialised and the logits are never computed.
@@ -47,9 +51,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
@@ -58,9 +64,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cascade_jax import files, model, sharding
+from cascade_jax import files, model, paths, sharding, token_ids
 from cascade_jax.config import ModelConfig
 
 Stats = dict[str, Any]
@@ -82,6 +88,61 @@ _ARRAY_FIELDS = ("layer_block_influence", "layer_norm_ratio", "neuron", "head", 
                  "channel", "residual_cov", "n_tokens")
 _META_KEY = "__meta__"
 _FORMAT = "cascade_jax.importance/v1"
+_WRITER = "Importance.save, with the scores of prune.estimate_importance"
+_SAMPLES_PER_LEAF = 32  # elements of each param the fingerprint reads
+
+
+# ---------------------------------------------------------------------------- fingerprint
+
+
+def _sample_index(shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Per-dimension indices of up to `_SAMPLES_PER_LEAF` elements spread evenly over a
+    leaf in row-major order (first and last included): fixed by the shape alone."""
+    if not shape:
+        return ()
+    size = int(np.prod(shape))
+    flat = np.unique(np.linspace(0, max(size - 1, 0), min(size, _SAMPLES_PER_LEAF))
+                     .round().astype(np.int64))
+    return tuple(i.astype(np.int32) for i in np.unravel_index(flat, shape))
+
+
+def _gather_samples(leaves: list[Any], index: list[tuple[jax.Array, ...]]) -> jax.Array:
+    """The sampled elements of every leaf, as one float32 vector (exact for bf16 and f32)."""
+    parts = [jnp.asarray(x)[idx].reshape(-1).astype(jnp.float32)
+             for x, idx in zip(leaves, index, strict=True)]
+    return jnp.concatenate(parts) if parts else jnp.zeros(0, jnp.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(mesh: Mesh | None) -> Any:
+    """`_gather_samples` compiled once (per param shapes); with a mesh, its small result is
+    replicated, so every process can fetch it."""
+    if mesh is None:
+        return jax.jit(_gather_samples)
+    return jax.jit(_gather_samples, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def params_fingerprint(params: model.Params) -> str:
+    """16 hex digits identifying parameter *values*: a sha256 of every param's path and shape
+    and of up to 32 fixed elements of it (gathered on device, float32, fetched).
+
+    Cheap (a few hundred numbers are moved, whatever the model size), deterministic, and the
+    same for any sharding and on every process (the elements are exact values, not sums whose
+    rounding depends on the layout). Two checkpoints of one architecture differ in it; a
+    bfloat16 cast of float32 params does too, since its values differ.
+    """
+    flat = paths.flatten(params)
+    names = sorted(flat)
+    leaves = [flat[name] for name in names]
+    index = [_sample_index(tuple(np.shape(x))) for x in leaves]
+    meshes = [x.sharding.mesh for x in leaves
+              if isinstance(getattr(x, "sharding", None), NamedSharding)]
+    samples = np.asarray(_sampler(meshes[0] if meshes else None)(leaves, index), np.float64)
+    samples = np.where(np.isnan(samples), np.nan, samples) + 0.0  # one NaN, no -0.0
+    digest = hashlib.sha256(json.dumps([[n, list(np.shape(x))] for n, x in
+                                        zip(names, leaves, strict=True)]).encode())
+    digest.update(samples.tobytes())
+    return digest.hexdigest()[:16]
 
 
 @flax.struct.dataclass
@@ -91,6 +152,8 @@ class Importance:
     All arrays float32. `model_config` is the `ModelConfig.to_dict()` of the scored model, so
     applying scores to a differently shaped model is caught (`check_matches`). `method` says
     how the scores were made (aggregation, neuron method, sequences and batches seen).
+    `params_fingerprint` identifies the scored params (`check_params`); None when unknown
+    (scores made by hand, or saved before fingerprints existed).
     """
 
     layer_block_influence: jax.Array  # [N]    1 - E[cos(block_in, block_out)]  (ShortGPT)
@@ -103,6 +166,7 @@ class Importance:
     n_tokens: jax.Array               # []     tokens the statistics were accumulated over
     model_config: dict[str, Any] = flax.struct.field(pytree_node=False)
     method: dict[str, Any] = flax.struct.field(pytree_node=False, default_factory=dict)
+    params_fingerprint: str | None = flax.struct.field(pytree_node=False, default=None)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape every score array must have for `model_config`."""
@@ -134,6 +198,26 @@ class Importance:
             raise ValueError("importance arrays do not fit their own model_config: "
                              + "; ".join(bad) + ". The scores file is corrupt; recompute it.")
 
+    def check_params(self, params: model.Params) -> None:
+        """Raise ValueError unless these scores were computed on `params` (same fingerprint).
+
+        Scores of another model of the same shape (another checkpoint, another seed) pass
+        `check_matches` and would silently keep the wrong rows. No-op when the fingerprint is
+        unknown (None).
+        """
+        if self.params_fingerprint is None:
+            return
+        found = params_fingerprint(params)
+        if found != self.params_fingerprint:
+            raise ValueError(
+                f"importance scores were computed on params with fingerprint "
+                f"{self.params_fingerprint}, but the params given have fingerprint {found}: "
+                "they are another model (or checkpoint) of the same shape. Re-score these "
+                "params with prune.estimate_importance(cfg, params, batches) (a cascade does "
+                "so when the stage's importance.npz is deleted), or pass "
+                "check_fingerprint=False to prune.prune if you mean to apply these scores to "
+                "other weights")
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write one `.npz` (arrays + JSON config/method) atomically: temp file, then rename.
 
@@ -145,24 +229,29 @@ class Importance:
         arrays = {name: np.asarray(jax.device_get(getattr(self, name)), np.float32)
                   for name in _ARRAY_FIELDS}
         meta = json.dumps({"format": _FORMAT, "model_config": self.model_config,
-                           "method": self.method})
+                           "method": self.method, "params_fingerprint": self.params_fingerprint})
         arrays[_META_KEY] = np.array(meta)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         files.atomic_write(os.path.abspath(path), lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], cfg: ModelConfig | None = None) -> Self:
-        """Read scores written by `save`; with `cfg`, also `check_matches(cfg)`."""
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            if _META_KEY not in data.files:
-                raise ValueError(f"{os.fspath(path)} is not an importance file (no "
-                                 f"{_META_KEY!r} entry); write it with Importance.save")
-            meta = json.loads(str(data[_META_KEY]))
-            missing = sorted(set(_ARRAY_FIELDS) - set(data.files))
-            if missing:
-                raise ValueError(f"{os.fspath(path)} lacks arrays {missing}; recompute it")
-            arrays = {name: jnp.asarray(data[name]) for name in _ARRAY_FIELDS}
-        scores = cls(**arrays, model_config=meta["model_config"], method=meta["method"])
+        """Read scores written by `save`; with `cfg`, also `check_matches(cfg)`. Every error
+        names the file; a file without a params fingerprint (written before they existed)
+        loads with a warning, and `prune` cannot check it belongs to the params it cuts."""
+        path = os.fspath(path)
+        data = files.read_npz(path, (_META_KEY, *_ARRAY_FIELDS), written_by=_WRITER)
+        meta = files.parse_json(str(data[_META_KEY]), f"{path} ({_META_KEY})", _WRITER)
+        if not isinstance(meta, dict) or "model_config" not in meta:
+            raise ValueError(f"{path} has no model_config in its {_META_KEY!r} entry; it is "
+                             f"damaged: rewrite it ({_WRITER})")
+        if meta.get("params_fingerprint") is None:
+            warnings.warn(f"{path} holds no params fingerprint (written before they existed): "
+                          "prune.prune cannot check that these scores belong to the params "
+                          "it cuts; re-score and save to have it checked", stacklevel=2)
+        arrays = {name: jnp.asarray(data[name]) for name in _ARRAY_FIELDS}
+        scores = cls(**arrays, model_config=meta["model_config"], method=meta.get("method", {}),
+                     params_fingerprint=meta.get("params_fingerprint"))
         scores.check_matches(scores.model_config)
         if cfg is not None:
             scores.check_matches(cfg)
@@ -396,16 +485,19 @@ def _finalize(cfg: ModelConfig, settings: _Settings, acc: Stats, n_batches: int)
 # --------------------------------------------------------------------------- entry point
 
 
-def host_batch(batch: Mapping[str, Any] | np.ndarray | jax.Array) -> dict[str, np.ndarray]:
+def host_batch(batch: Mapping[str, Any] | np.ndarray | jax.Array,
+               vocab_size: int | None = None) -> dict[str, np.ndarray]:
     """A calibration batch as int32 numpy tokens/segment_ids/positions [B, L].
 
     Accepts a plain [B, L] token array (one unpadded document per row) or a dict with
-    `tokens` and optionally `segment_ids` (0 = padding) and `positions`.
+    `tokens` and optionally `segment_ids` (0 = padding) and `positions`. Token ids outside
+    [0, vocab_size) (or not fitting int32) are refused before the cast, naming the id.
     """
     if not isinstance(batch, Mapping):
         batch = {"tokens": batch}
     if "tokens" not in batch:
         raise ValueError(f"a calibration batch needs 'tokens'; got keys {sorted(batch)}")
+    token_ids.check(batch["tokens"], vocab_size, where="calibration batch tokens")
     tokens = np.asarray(batch["tokens"], np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -457,11 +549,12 @@ def estimate_importance(cfg: ModelConfig, params: model.Params,
                     disable=not progress or jax.process_index() != 0)
     n_batches = 0
     for batch in itertools.islice(batches, max_batches):  # never pulls a batch it won't use
-        host = host_batch(batch)
+        host = host_batch(batch, cfg.vocab_size)
         device = (sharding.shard_batch(host, mesh) if mesh is not None
                   else {k: jnp.asarray(v) for k, v in host.items()})
         acc = step(acc, params, device)
         n_batches += 1
         bar.update(1)
     bar.close()
-    return _finalize(cfg, settings, acc, n_batches)
+    scores = _finalize(cfg, settings, acc, n_batches)
+    return scores.replace(params_fingerprint=params_fingerprint(params))

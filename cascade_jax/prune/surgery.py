@@ -678,7 +678,8 @@ def _map_param_copies(fn: Callable[[Params], Params], opt_state: Any, params: Pa
 def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
           depth_method: str | Sequence[int] = "block_influence",
           head_method: str = "within_group", hidden_method: str | None = "channel",
-          opt_state: Any = None, optimizer: Any = None) -> Pruned:
+          opt_state: Any = None, optimizer: Any = None, check_fingerprint: bool = True
+          ) -> Pruned:
     """Prune `params` to `target` using `importance` (higher score = keep); pure.
 
     depth_method: 'block_influence' | 'norm_ratio' | 'contiguous', or the increasing parent
@@ -687,12 +688,17 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
       query heads) | 'kv_groups' (keep the top whole KV groups).
     hidden_method: 'channel' | 'pca' | None (d_model must then stay).
     opt_state (+ optimizer, optional): pruned in lockstep with the params (not with 'pca').
+    check_fingerprint: refuse scores computed on other params of the same shape (their
+      `params_fingerprint` differs); False applies them knowingly (e.g. scores transferred
+      from a sibling checkpoint).
     Ministral 3's recipe is depth_method='norm_ratio', hidden_method='pca'; Minitron's is the
     default. All checks run before any tensor is touched. Returns `Pruned(cfg, params, record,
     opt_state)`.
     """
     res = _resolve(cfg, importance, target, depth_method, head_method, hidden_method,
                    opt_state, optimizer)
+    if importance is not None and check_fingerprint:
+        importance.check_params(params)
     dims, child = res.dims, res.child
     record = PruneRecord(parent_config=cfg.to_dict(), child_config=child.to_dict(),
                          target=target.to_dict(),
