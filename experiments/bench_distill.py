@@ -38,6 +38,8 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments.common import matmul
+
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
@@ -71,17 +73,6 @@ def _forward_flops(cfg: Any, tokens: int, seq_len: int) -> float:
     mlp = 2 * 3 * d * f
     attention = 2 * 2 * seq_len * h * e
     return tokens * (cfg.n_layers * (projections + mlp + attention) + 2 * d * cfg.vocab_size)
-
-
-def _matmul(dtype: str, n: int) -> Callable[[], Any]:
-    """One large square matmul in `dtype`: the roofline that MFU is measured against."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-    matmul = jax.jit(lambda x, y: x @ y)
-    return lambda: matmul(a, b)[0, 0]
 
 
 def _jax_step(student: Any, teacher: Any, batch: dict[str, Any]) -> Callable[[], Any]:
@@ -224,7 +215,7 @@ def main(argv: list[str]) -> None:
     peak_n = _PEAK_N.value or (2048 if on_cpu else 8192)
     online = "cascade_jax (jit)"
     sides: dict[str, Callable[[], Any]] = {
-        "matmul": _matmul(_DTYPE.value, peak_n),
+        "matmul": matmul(_DTYPE.value, peak_n),
         online: _jax_step(student, teacher, batch),
     }
     side_flops = {online: flops}
