@@ -80,6 +80,9 @@ class SamplingParams:
             raise ValueError(f"stop_tokens={self.stop_tokens!r} must be token ids "
                              "(non-negative integers), e.g. (tokenizer.eos_token_id,)")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stops))
+        for name in ("max_new_tokens", "n", "top_k"):  # numpy integers in, plain ints kept
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
 
 class Completions(NamedTuple):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -177,6 +178,9 @@ def main(argv: list[str]) -> None:
         median = {key: statistics.median(values) for key, values in times.items()}
         same_rows = int(np.sum(np.all(tokens["cascade_jax"] == tokens["transformers"], axis=1)))
         table.append((batch, median, same_rows))
+        print(f"batch {batch} done: " + ", ".join(f"{name} {count} tokens {seconds:.2f} s"
+                                                  for (name, count), seconds in median.items()),
+              file=sys.stderr, flush=True)
 
     peak, bandwidth = max(peaks), max(bandwidths)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
@@ -186,7 +190,8 @@ def main(argv: list[str]) -> None:
           f"({cfg.num_params() / 1e6:.1f}M params); prompts {prompt_len} tokens, "
           f"{new_tokens} new tokens, greedy; measured: jnp {_PEAK_N.value}² matmul "
           f"{peak / 1e9:.0f} GFLOP/s, jnp sum over {_BANDWIDTH_MIB.value} MiB "
-          f"{bandwidth / 1e9:.1f} GB/s; best of {_REPEATS.value} rounds; times: medians of {_REPEATS.value} interleaved rounds\n")
+          f"{bandwidth / 1e9:.1f} GB/s (both the best of {_REPEATS.value} rounds); times: "
+          f"medians of {_REPEATS.value} interleaved rounds\n")
     print("| batch | side | prefill ms | prefill tokens/s | decode ms/step | decode tokens/s "
           "| decode vs transformers | roofline ms/step | % of roofline | greedy tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|")
