@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -86,25 +85,3 @@ def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[
 
     return evaluate
 
-
-def greedy_generate(cfg: ModelConfig, params: model.Params, prompt_L: np.ndarray,
-                    n_new: int) -> np.ndarray:
-    """Greedy continuation of one prompt (a look at what a child writes, not a fast sampler:
-    it recomputes the whole prefix each token, with no KV cache)."""
-    if prompt_L.ndim != 1 or len(prompt_L) == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D token array, got shape "
-                         f"{prompt_L.shape}")
-    total = len(prompt_L) + n_new
-    if total > cfg.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt_L)} + n_new={n_new} tokens exceeds "
-                         f"max_seq_len={cfg.max_seq_len}; shorten one of them")
-    tokens_1L = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt_L)].set(prompt_L)
-
-    @jax.jit
-    def next_token(tokens_1L: jax.Array, position: jax.Array) -> jax.Array:
-        logits_1LV = model.forward(cfg, params, tokens_1L)
-        return jnp.argmax(logits_1LV[0, position - 1], axis=-1).astype(jnp.int32)
-
-    for position in range(len(prompt_L), total):
-        tokens_1L = tokens_1L.at[0, position].set(next_token(tokens_1L, position))
-    return np.asarray(tokens_1L[0])

@@ -38,6 +38,8 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments.common import matmul
+
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
@@ -73,28 +75,17 @@ def _forward_flops(cfg: Any, tokens: int, seq_len: int) -> float:
     return tokens * (cfg.n_layers * (projections + mlp + attention) + 2 * d * cfg.vocab_size)
 
 
-def _matmul(dtype: str, n: int) -> Callable[[], Any]:
-    """One large square matmul in `dtype`: the roofline that MFU is measured against."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-    matmul = jax.jit(lambda x, y: x @ y)
-    return lambda: matmul(a, b)[0, 0]
-
-
 def _jax_step(student: Any, teacher: Any, batch: dict[str, Any]) -> Callable[[], Any]:
     """Our jitted step on a mesh of all local devices; returns a closure running one step."""
     import jax
 
-    from cascade_jax import sharding, train
+    from cascade_jax import sharding, steps
     from cascade_jax.distill import losses, step
 
     dcfg = step.DistillConfig(student, teacher,
                               losses.LossSpec(chunk_size=_CHUNK.value or None))
     mesh = sharding.make_mesh(data=-1)
-    optimizer = train.make_optimizer(lr=1e-4, total_steps=10_000, warmup_steps=10)
+    optimizer = steps.make_optimizer(lr=1e-4, total_steps=10_000, warmup_steps=10)
     state = step.create_state(dcfg, optimizer, mesh, rng=jax.random.key(0))
     teacher_params = sharding.init_params(teacher, jax.random.key(1), mesh)
     step_fn = step.jit_train_step(dcfg, optimizer, mesh)
@@ -115,7 +106,7 @@ def _cached_step(student: Any, teacher: Any, batch: dict[str, Any], directory: s
     running one step and a line describing the cache."""
     import jax
 
-    from cascade_jax import logits_cache, sharding, train
+    from cascade_jax import logits_cache, sharding, steps
     from cascade_jax.distill import losses, step
 
     mesh = sharding.make_mesh(data=-1)
@@ -137,7 +128,7 @@ def _cached_step(student: Any, teacher: Any, batch: dict[str, Any], directory: s
     read_s = time.perf_counter() - start
     dcfg = step.DistillConfig(student, teacher,
                               losses.LossSpec(chunk_size=_CHUNK.value or None))
-    optimizer = train.make_optimizer(lr=1e-4, total_steps=10_000, warmup_steps=10)
+    optimizer = steps.make_optimizer(lr=1e-4, total_steps=10_000, warmup_steps=10)
     holder = {"state": step.create_state(dcfg, optimizer, mesh, rng=jax.random.key(0))}
     step_fn = step.jit_train_step_cached(dcfg, optimizer, mesh, mode=info.mode)
     sharded = sharding.shard_batch(cached, mesh)
@@ -224,7 +215,7 @@ def main(argv: list[str]) -> None:
     peak_n = _PEAK_N.value or (2048 if on_cpu else 8192)
     online = "cascade_jax (jit)"
     sides: dict[str, Callable[[], Any]] = {
-        "matmul": _matmul(_DTYPE.value, peak_n),
+        "matmul": matmul(_DTYPE.value, peak_n),
         online: _jax_step(student, teacher, batch),
     }
     side_flops = {online: flops}

@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from absl import flags, logging
 
@@ -61,3 +62,15 @@ def cause(error: BaseException) -> str:
             return f"no space left on {where}: free space there or choose another directory"
         current = current.__cause__ or current.__context__
     return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def matmul(dtype: str, n: int) -> Callable[[], Any]:
+    """One large square matmul in `dtype`: the compute roofline benchmarks measure against
+    (2·n³ FLOPs per call). JAX is imported here, so XLA flags can still be set before."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+    product = jax.jit(lambda x, y: x @ y)
+    return lambda: product(a, b)[0, 0]
