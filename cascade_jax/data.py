@@ -42,6 +42,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cascade_jax import files, validate
+from cascade_jax.tasks.jsonl import read_records
 
 Batch = dict[str, np.ndarray]
 
@@ -176,19 +177,8 @@ def jsonl_documents(pattern: str, field: str = "text") -> list[TextDocument]:
     files = _glob_files(pattern)
     documents = []
     for key, path in zip(_relative_keys(files), files, strict=True):
-        for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e}); JSONL holds one object "
-                                 "per line") from e
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{where} has no string field {field!r} (it has {keys}); "
-                                 "set the JSONL text field to one that holds the document")
+        for line_no, record in read_records(path, required=(field,), hint="set the JSONL "
+                                            "text field to one that holds the document"):
             documents.append(TextDocument(f"{key}:{line_no}", record[field]))
     return documents
 
