@@ -144,6 +144,9 @@ def task_datasets(task: tasks.Task, tokenizer: tokenizers.Tokenizer, *, seq_len:
 
     def pairs(split: str, n: int | None) -> TokenPairs:
         problems = task.make_problems(split, n, seed)
+        if not problems:
+            raise ValueError(f"task {task.name!r} has no {split!r} problems; give it more "
+                             "problems (a JSONL task holds out held_out_percent of its prompts)")
         if answers_only:
             problems = [tasks.answers_only(p, task.answer_pattern) for p in problems]
         return encode_pairs([(p.prompt, p.completion) for p in problems], tokenizer)

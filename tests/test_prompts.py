@@ -211,6 +211,15 @@ def test_task_datasets(answers_only):
     assert 0 < datasets.unigram_loss < np.log(TOKENIZER.get_vocab_size())
 
 
+def test_an_empty_split_is_named(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"prompt": "1?", "answer": "1"}) + "\n")
+    task = tasks.JsonlTask(str(path))
+    with pytest.raises(ValueError, match=r"task 'jsonl' has no '(train|validation)' problems"):
+        prompts.task_datasets(task, tasks.char_tokenizer(task.alphabet), seq_len=8,
+                              batch_size=1, seed=0, n_train=None, n_validation=None)
+
+
 # ---------------------------------------------------------------------- the config block
 
 
