@@ -59,7 +59,7 @@ from cascade_jax.runconfig import (
 
 __all__ = ["ROOT", "CascadeConfig", "StageConfig", "Trained", "child_model", "claim_workdir",
            "load_checkpoint_model", "plan_models", "results_csv", "results_markdown",
-           "root_model", "run", "write_report"]
+           "root_model", "run", "run_datasets", "write_report"]
 
 
 # ------------------------------------------------------------------------ the run directory
@@ -336,11 +336,17 @@ def _lineage(run: _Run, stage: str, cfg: ModelConfig, *, parent: Trained | None,
 # ------------------------------------------------------------------------------- a stage
 
 
+def run_datasets(config: CascadeConfig, *, seed: int) -> data.Datasets:
+    """The run's data: its task's prompt/completion batches when it has a `config.task`,
+    else `config.data`'s text."""
+    if config.task is not None:
+        return config.task.datasets(config.data, seed=seed)
+    return data.datasets_from_config(config.data, seed=seed)
+
+
 def _calibration_batches(run: _Run, stage_index: int) -> Iterator[dict[str, np.ndarray]]:
     """Training-split batches in an order of their own (never the validation split)."""
-    calib = data.datasets_from_config(run.config.data,
-                                      seed=run.config.seed + 1000 + stage_index)
-    return iter(calib.train)
+    return iter(run_datasets(run.config, seed=run.config.seed + 1000 + stage_index).train)
 
 
 def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
@@ -429,7 +435,8 @@ def _train_stage(run: _Run, stage: StageConfig, cfg: ModelConfig,
         stage_name=stage.name, student=cfg, child_params=child_params,
         teacher=teacher if objective.uses_teacher else None, settings=stage.settings,
         mesh=run.mesh, optimizer=optimizer, rng=jax.random.key(run.config.seed + 1),
-        grad_accum=stage.grad_accum, train_batches=lambda: iter(run.datasets.train)))
+        grad_accum=stage.grad_accum, train_batches=lambda: iter(run.datasets.train),
+        task=None if run.config.task is None else run.config.task.task))
     metadata = _lineage(run, stage.name, cfg, parent=parent,
                         extra={"teacher": teacher.directory, "objective": stage.objective,
                                "importance": record.get("importance"),
@@ -557,7 +564,7 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
         sharding.check_batch_split(config.data.batch_size, mesh, micro)
     root_cfg = root_model(config.root)
     plan_models(config, root_cfg)
-    datasets = data.datasets_from_config(config.data, seed=config.seed)
+    datasets = run_datasets(config, seed=config.seed)
     if config.root.kind == "scratch":
         train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(), "config.root.model")
     with rundir.lock(workdir, enabled=jax.process_index() == 0):

@@ -7,6 +7,8 @@ being this host's rows:
     tokens       token ids; 0 wherever segment_ids == 0 (padding)
     segment_ids  1, 2, ... for the pieces packed into a row, 0 for padding
     positions    each token's index within its own piece (0 at every piece's first token)
+    loss_mask    (prompt/completion batches only, `cascade_jax.prompts`) 1 on the tokens a
+                 loss may predict (completions and their EOS), 0 on prompts and padding
 
 Packing: every document gets the tokenizer's EOS appended (so the model learns where documents
 end), is cut at offsets 0, L, 2L, ... into pieces of at most L tokens, and each piece becomes
@@ -42,6 +44,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cascade_jax import files, token_ids, validate
+from cascade_jax.tasks.jsonl import read_records
 
 Batch = dict[str, np.ndarray]
 
@@ -247,19 +250,8 @@ def jsonl_documents(pattern: str, field: str = "text") -> list[TextDocument]:
     files = _glob_files(pattern)
     documents = []
     for key, path in zip(_relative_keys(files), files, strict=True):
-        for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON ({e}); JSONL holds one object "
-                                 "per line") from e
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{where} has no string field {field!r} (it has {keys}); "
-                                 "set the JSONL text field to one that holds the document")
+        for line_no, record in read_records(path, required=(field,), hint="set the JSONL "
+                                            "text field to one that holds the document"):
             documents.append(TextDocument(f"{key}:{line_no}", record[field]))
     return documents
 
@@ -458,11 +450,13 @@ class _Pieces:
         return {"tokens": np.array(self.tokens[self.starts[i]:self.ends[i]], dtype=np.int32)}
 
 
-def _contract(packed: Mapping[str, np.ndarray]) -> Batch:
-    """grain's packing names -> the batch contract's, as int32."""
+def _contract(packed: Mapping[str, np.ndarray], extra: Sequence[str] = ()) -> Batch:
+    """grain's packing names -> the batch contract's, as int32; `extra` features (packed
+    alongside the tokens, so they share their segments) keep their own names."""
     return {"tokens": packed["tokens"].astype(np.int32),
             "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
-            "positions": packed["tokens_positions"].astype(np.int32)}
+            "positions": packed["tokens_positions"].astype(np.int32),
+            **{name: packed[name].astype(np.int32) for name in extra}}
 
 
 def _host_rows(batch: Batch, *, rows: int, start: int, stop: int) -> Batch:
@@ -486,9 +480,30 @@ def make_lm_dataset(documents: TokenizedCorpus | Sequence[np.ndarray], *, seq_le
     """
     corpus = (documents if isinstance(documents, TokenizedCorpus)
               else TokenizedCorpus.from_documents(documents))
+    _check_rows(seq_len, batch_size)
+    pieces = grain.MapDataset.source(_Pieces(corpus.tokens, *piece_bounds(corpus.offsets,
+                                                                           seq_len)))
+    return pack_examples(pieces, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                         shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
+                         shard_count=shard_count, num_packing_bins=num_packing_bins)
+
+
+def _check_rows(seq_len: int, batch_size: int) -> None:
     if seq_len < 2 or batch_size < 1:
         raise ValueError(f"need seq_len >= 2 and batch_size >= 1; got seq_len={seq_len}, "
                          f"batch_size={batch_size}")
+
+
+def pack_examples(examples: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
+                  extra: Sequence[str] = (), shuffle: bool = True,
+                  num_epochs: int | None = None, shard_index: int | None = None,
+                  shard_count: int | None = None, num_packing_bins: int | None = None
+                  ) -> grain.IterDataset:
+    """Packed batches of `examples` (dicts of 1-D int arrays of at most `seq_len`: "tokens",
+    plus the `extra` features of the same length, e.g. a loss mask, packed alongside) with
+    the sharding, shuffling, epochs and padding of `make_lm_dataset`, which calls this on
+    document pieces."""
+    _check_rows(seq_len, batch_size)
     if shard_index is None or shard_count is None:
         import jax  # lazily: importing data.py should not start a backend
 
@@ -498,24 +513,23 @@ def make_lm_dataset(documents: TokenizedCorpus | Sequence[np.ndarray], *, seq_le
         raise ValueError(f"num_epochs={num_epochs}; use a positive count, or None for endless")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count})")
-    pieces = grain.MapDataset.source(_Pieces(corpus.tokens, *piece_bounds(corpus.offsets,
-                                                                           seq_len)))
-    finite = num_epochs is not None
+    finite, total = num_epochs is not None, len(examples)
     rows = batch_size * shard_count if finite else batch_size
     if not finite:
-        pieces = pieces[shard_index::shard_count]
-    if len(pieces) == 0:
-        raise ValueError(f"no tokens for shard {shard_index} of {shard_count}: the corpus has "
-                         f"{len(corpus)} documents and {corpus.num_tokens} tokens; give more "
-                         "data or run on fewer hosts")
+        examples = examples[shard_index::shard_count]
+    if len(examples) == 0:
+        raise ValueError(f"no tokens for shard {shard_index} of {shard_count}: the data has "
+                         f"{total} examples (document pieces) in all; give more data or run "
+                         "on fewer hosts")
     if shuffle:
-        pieces = pieces.shuffle(seed)
-    stream = pieces.repeat(num_epochs).to_iter_dataset(
+        examples = examples.shuffle(seed)
+    stream = examples.repeat(num_epochs).to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # in memory: threads only cost
     packed = grain.experimental.FirstFitPackIterDataset(
-        stream, length_struct={"tokens": seq_len},
+        stream, length_struct={name: seq_len for name in ("tokens", *extra)},
         num_packing_bins=num_packing_bins or 4 * rows, seed=seed, shuffle_bins=shuffle)
-    batches = packed.map(_contract).batch(rows, drop_remainder=False)
+    batches = packed.map(functools.partial(_contract, extra=tuple(extra))).batch(
+        rows, drop_remainder=False)
     if finite:
         start = shard_index * batch_size
         batches = batches.map(functools.partial(_host_rows, rows=rows, start=start,

@@ -19,16 +19,22 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(targets_BL, weights_BL): position t predicts token t+1 of the same packed segment.
 
     A target counts only inside one document (segment ids equal and non-zero), so the model
-    is never asked to predict across a packing boundary or into padding.
+    is never asked to predict across a packing boundary or into padding. With a `loss_mask`
+    (prompt/completion batches, `cascade_jax.prompts`) it also counts only where the *target*
+    is a completion token (or its EOS): every loss and evaluation built on these weights (CE,
+    the fused KD losses, evaluation) is then completion-only, with no change of its own.
     """
     tokens_BL = batch["tokens"]
     segment_ids_BL = batch.get("segment_ids")
     if segment_ids_BL is None:
         segment_ids_BL = jnp.ones_like(tokens_BL)
     next_tokens = tokens_BL[:, 1:]
-    same_doc = (segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]) & (segment_ids_BL[:, 1:] != 0)
+    counts = (segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]) & (segment_ids_BL[:, 1:] != 0)
+    loss_mask_BL = batch.get("loss_mask")
+    if loss_mask_BL is not None:
+        counts &= loss_mask_BL[:, 1:] != 0
     targets_BL = jnp.pad(next_tokens, ((0, 0), (0, 1)))
-    weights_BL = jnp.pad(same_doc, ((0, 0), (0, 1))).astype(jnp.float32)
+    weights_BL = jnp.pad(counts, ((0, 0), (0, 1))).astype(jnp.float32)
     return targets_BL, weights_BL
 
 

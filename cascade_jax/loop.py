@@ -47,6 +47,12 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def counted_tokens(batch: HostBatch) -> int:
+    """Tokens a batch trains on, for `tokens_seen`: its completion tokens when it has a
+    `loss_mask` (prompt/completion data), else every non-padding token."""
+    return int(np.count_nonzero(batch.get("loss_mask", batch["segment_ids"])))
+
+
 def evaluate(step_fn: Callable[[Any, Batch], Metrics], params: Any,
              batches: Iterable[HostBatch], mesh: Mesh, max_batches: int | None = None
              ) -> dict[str, float]:
@@ -135,7 +141,7 @@ def fit(step_fn: StepFn, state: TrainState, batches: Iterator[HostBatch], *, mes
 
     for step in range(start + 1, total_steps + 1):
         batch = next(batches)
-        n_tokens = int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+        n_tokens = counted_tokens(batch) * jax.process_count()
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
         tokens_seen += n_tokens
         window_tokens += n_tokens

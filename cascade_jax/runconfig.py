@@ -18,9 +18,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from cascade_jax import objectives, validate
+from cascade_jax import objectives, prompts, validate
 from cascade_jax.config import ModelConfig
 from cascade_jax.data import DataConfig
+from cascade_jax.prompts import TaskConfig
 from cascade_jax.prune import Target
 from cascade_jax.prune import surgery as _surgery
 
@@ -129,6 +130,29 @@ def _data(block: Any, key: str = "config.data") -> DataConfig:
     validate.known_keys(key, values, [f.name for f in dataclasses.fields(DataConfig)
                                       if f.name != "key"])
     return DataConfig(**values, key=key)
+
+
+def _task(block: Any, key: str = "config.task") -> TaskConfig | None:
+    """The run's task, or None (an absent or empty block: the run trains on `config.data`)."""
+    values = as_dict(block, key)
+    return TaskConfig.from_block(values, key) if values else None
+
+
+def check_task_data(task: TaskConfig | None, data: DataConfig) -> None:
+    """A task and `data.source='task'` go together (neither may be silently ignored), and
+    the task's character tokenizer exists only with a task."""
+    source, tokenizer = f"{data.key}.source", f"{data.key}.tokenizer"
+    if task is not None and data.source != prompts.SOURCE:
+        raise ValueError(f"{task.key} is set but {source}={data.source!r}; set --{source}="
+                         f"{prompts.SOURCE} to train on the task's prompt/completion data, or "
+                         f"drop {task.key}")
+    if task is None and data.source == prompts.SOURCE:
+        raise ValueError(f"{source}={prompts.SOURCE!r} needs a config.task block, e.g. "
+                         "config.task = dict(kind='chain_arithmetic', max_steps=4)")
+    if task is None and data.tokenizer == prompts.CHARS:
+        raise ValueError(f"{tokenizer}={prompts.CHARS!r} is the character tokenizer of a "
+                         "task's alphabet and needs a config.task block; use 'builtin' or a "
+                         "tokenizer.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,13 +401,20 @@ class CascadeConfig:
     mesh: MeshConfig
     stages: tuple[StageConfig, ...]
     cadence: Cadence
+    task: TaskConfig | None = None
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         validate.string("config.workdir", self.workdir)  # required by a run, not by a plan
         validate.non_negative_int("config.seed", self.seed)
+        check_task_data(self.task, self.data)
         earlier = [ROOT]
         for stage in self.stages:
+            needs_task = getattr(objectives.get(stage.objective), "needs_task", False)
+            if needs_task and self.task is None:
+                raise ValueError(f"{stage.key}.objective={stage.objective!r} trains on a "
+                                 "task's completions, but the run has no config.task; add one "
+                                 "(and config.data.source='task')")
             if stage.name in earlier:
                 raise ValueError(f"stage name {stage.name!r} is used twice; names must be "
                                  f"unique and not {ROOT!r}")
@@ -400,7 +431,7 @@ class CascadeConfig:
         return {s.name: s for s in self.stages}[name]
 
 
-_CASCADE_FIELDS = ("workdir", "seed", "root", "data", "mesh", "stage_order", "stages",
+_CASCADE_FIELDS = ("workdir", "seed", "root", "data", "task", "mesh", "stage_order", "stages",
                    *_CADENCE_FIELDS)
 
 
@@ -417,6 +448,6 @@ def cascade_config(config: Any) -> CascadeConfig:
     return CascadeConfig(
         workdir=values.get("workdir", ""), seed=values.get("seed", 0),
         root=_root(values.get("root")), data=_data(values.get("data")),
-        mesh=_mesh(values.get("mesh")),
+        task=_task(values.get("task")), mesh=_mesh(values.get("mesh")),
         stages=tuple(stage_config(name, stages_block[name]) for name in order),
         cadence=_cadence(values), raw=values)

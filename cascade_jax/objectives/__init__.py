@@ -3,9 +3,10 @@
     objective = objectives.get("kd")           # what `stages.<name>.objective` names
     objectives.register(MyObjective())         # a new one: its module, this line, its tests
 
-Built in: `ce` (next-token cross-entropy on the run's data) and `kd` (soft-label distillation
-from the stage's teacher, the fused loss of `cascade_jax.distill`). See `objectives.base` for
-the contract; `cascade.py` never branches on an objective.
+Built in: `ce` (next-token cross-entropy on the run's data), `kd` (soft-label distillation
+from the stage's teacher, the fused loss of `cascade_jax.distill`) and `sft` (cross-entropy on
+the completions of the run's task). See `objectives.base` for the contract; `cascade.py` never
+branches on an objective.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from cascade_jax.objectives import ce, kd
+    from cascade_jax.objectives import ce, kd, sft
 
     register(ce.CrossEntropy())
     register(kd.SoftLabelKD())
+    register(sft.SupervisedFineTuning())
 
 
 _register_builtins()

@@ -18,7 +18,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from cascade_jax import model
+from cascade_jax import model, tasks
 from cascade_jax.config import ModelConfig
 from cascade_jax.steps import Batch, Metrics, TrainState
 
@@ -39,7 +39,9 @@ class StageContext:
     """Everything an objective may use to build its training.
 
     `child_params` is None for a random init (the objective initialises from `rng`).
-    `train_batches()` makes the run's training iterator (packed LM batches, checkpointable);
+    `train_batches()` makes the run's training iterator (packed batches, checkpointable): LM
+    batches, or prompt/completion batches with a `loss_mask` when the run has a `task` (the
+    `config.task` block; its problems and verifier are there for objectives that generate);
     `settings` is what the objective's own `parse_settings` returned for this stage.
     """
 
@@ -53,6 +55,7 @@ class StageContext:
     rng: jax.Array
     grad_accum: int
     train_batches: Callable[[], Iterator[dict[str, Any]]]
+    task: tasks.Task | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,9 @@ class Objective(Protocol):
     """One stage objective. `name` is what configs write (`objective='kd'`) and the name of
     its settings block; `loss_label` says what its training `loss` measures (plots keep
     objectives with different labels on separate axes); `uses_teacher` tells the cascade
-    whether the stage's teacher must be loaded for training (it is always used to evaluate)."""
+    whether the stage's teacher must be loaded for training (it is always used to evaluate);
+    `needs_task` (optional, default False) makes a run without `config.task` fail at config
+    time instead of at the stage."""
 
     name: str
     loss_label: str

@@ -1,0 +1,216 @@
+"""Prompt/completion data: a model is trained (and evaluated) on completions, never on prompts.
+
+A pair is tokenized as `prompt tokens + completion tokens + EOS` and packed like any document
+(`data.pack_examples`: segment ids, positions, the same batch contract), with one more [B, L]
+int32 feature, `loss_mask`: 1 on the completion's tokens and its EOS, 0 on the prompt and on
+padding. `lm.next_token_targets` counts a target only where the mask is 1 at the *target*, so
+CE, the fused KD losses and evaluation all become completion-only with no change of their own;
+the EOS is a target (the model learns to stop), the prompt's first token never is, and nothing
+is predicted across two pairs packed into one row.
+
+Sources of pairs:
+- JSONL, one `{"prompt": ..., "completion": ...}` per line: `read_jsonl` + `encode_pairs`;
+- token ids made in memory (a sampler's completions): `token_pairs`;
+- a verifiable task (`cascade_jax.tasks`), traces or answers only: `task_datasets`, which a run
+  with a `config.task` block (`TaskConfig`) uses as its data.
+
+A pair longer than a row is an error, not a cut: a truncated completion would teach the model
+to stop without its answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+import tokenizers
+
+from cascade_jax import data, tasks, validate
+from cascade_jax.tasks import jsonl
+
+LOSS_MASK = "loss_mask"
+SOURCE = "task"  # config.data.source of a run whose data is its task's
+CHARS = "chars"  # config.data.tokenizer: the character tokenizer of the task's alphabet
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPairs:
+    """Prompt/completion pairs as token ids: pair i is `prompts[i]` then `completions[i]`
+    (which ends in EOS). Indexing gives the example `data.pack_examples` packs."""
+
+    prompts: data.TokenizedCorpus
+    completions: data.TokenizedCorpus
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.completions):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.completions)} "
+                             "completions; give one completion per prompt")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        prompt, completion = self.prompts[i], self.completions[i]
+        return {"tokens": np.concatenate([prompt, completion]).astype(np.int32),
+                LOSS_MASK: np.concatenate([np.zeros(prompt.size, np.int32),
+                                           np.ones(completion.size, np.int32)])}
+
+    def lengths(self) -> np.ndarray:
+        """[N] tokens of each pair, EOS included."""
+        return np.diff(self.prompts.offsets) + np.diff(self.completions.offsets)
+
+
+def token_pairs(prompts: Sequence[Sequence[int] | np.ndarray],
+                completions: Sequence[Sequence[int] | np.ndarray], *, eos_id: int
+                ) -> TokenPairs:
+    """Pairs from token ids (e.g. sampled completions): EOS is appended to every completion
+    that does not already end in it."""
+    ended = [np.asarray(c, np.int32).reshape(-1) for c in completions]
+    ended = [c if c.size and c[-1] == eos_id else np.append(c, np.int32(eos_id)) for c in ended]
+    return TokenPairs(data.TokenizedCorpus.from_documents(prompts),
+                      data.TokenizedCorpus.from_documents(ended))
+
+
+def read_jsonl(path: str) -> list[tuple[str, str]]:
+    """(prompt, completion) of every line of a `{"prompt", "completion"}` JSONL file."""
+    return [(r["prompt"], r["completion"])
+            for _, r in jsonl.read_records(path, required=("prompt", "completion"))]
+
+
+def _encode(tokenizer: tokenizers.Tokenizer, texts: list[str], *, template: bool
+            ) -> list[list[int]]:
+    try:
+        return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=template)]
+    except Exception as error:  # the Rust side raises plain Exceptions
+        raise ValueError(f"the tokenizer cannot encode this text ({error}); use a tokenizer "
+                         "that covers every character (for a task's own alphabet: "
+                         f"data.tokenizer={CHARS!r})") from None
+
+
+def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: tokenizers.Tokenizer
+                 ) -> TokenPairs:
+    """Tokenize (prompt, completion) texts with the run's tokenizer. The prompt gets the
+    tokenizer's template (a Llama tokenizer's BOS; an EOS the template appends is dropped),
+    the completion none; EOS follows the completion."""
+    eos = data.eos_id(tokenizer)
+    if eos is None:
+        raise ValueError(f"the tokenizer has no end-of-text token (none of "
+                         f"{list(data.EOS_CANDIDATES)}); completions must end in one, so the "
+                         "model learns to stop")
+    prompts = _encode(tokenizer, [p for p, _ in pairs], template=True)
+    prompts = [p[:-1] if p and p[-1] == eos else p for p in prompts]
+    return token_pairs(prompts, _encode(tokenizer, [c for _, c in pairs], template=False),
+                       eos_id=eos)
+
+
+def pair_dataset(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 shard_index: int | None = None, shard_count: int | None = None
+                 ) -> grain.IterDataset:
+    """Packed [batch_size, seq_len] batches of whole pairs with their `loss_mask`; sharding,
+    epochs and iterator state as `data.make_lm_dataset` (`batch_size` is rows per host)."""
+    lengths = pairs.lengths()
+    too_long = lengths > seq_len
+    if too_long.any():
+        raise ValueError(f"{int(too_long.sum())} of {len(pairs)} prompt/completion pairs are "
+                         f"longer than seq_len={seq_len} (the longest has {int(lengths.max())} "
+                         "tokens, EOS included); raise seq_len (and max_seq_len) or drop them: "
+                         "a pair is never cut")
+    return data.pack_examples(grain.MapDataset.source(pairs), seq_len=seq_len,
+                              batch_size=batch_size, seed=seed, extra=(LOSS_MASK,),
+                              shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
+                              shard_count=shard_count)
+
+
+def completion_unigram_loss(train: TokenPairs, validation: TokenPairs, vocab_size: int
+                            ) -> float:
+    """Nats per counted validation target (every completion token and EOS) of add-one
+    smoothed unigram frequencies of the training completions: the floor a model must beat."""
+    counts = np.bincount(train.completions.tokens, minlength=vocab_size)[:vocab_size]
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+    return float(-log_p[validation.completions.tokens].mean())
+
+
+def task_datasets(task: tasks.Task, tokenizer: tokenizers.Tokenizer, *, seq_len: int,
+                  batch_size: int, seed: int, n_train: int | None,
+                  n_validation: int | None = 512, answers_only: bool = False
+                  ) -> data.Datasets:
+    """A run's data from a task: `n_train` training problems (endless, shuffled) and
+    `n_validation` held-out ones (one pass), as prompt/completion batches; `batch_size` is
+    global (split over hosts). `answers_only` strips the traces from both."""
+
+    def pairs(split: str, n: int | None) -> TokenPairs:
+        problems = task.make_problems(split, n, seed)
+        if not problems:
+            raise ValueError(f"task {task.name!r} has no {split!r} problems; give it more "
+                             "problems (a JSONL task holds out held_out_percent of its prompts)")
+        if answers_only:
+            problems = [tasks.answers_only(p, task.answer_pattern) for p in problems]
+        return encode_pairs([(p.prompt, p.completion) for p in problems], tokenizer)
+
+    train, validation = pairs(tasks.TRAIN, n_train), pairs(tasks.VALIDATION, n_validation)
+    common = dict(seq_len=seq_len, batch_size=data._host_batch_size(batch_size), seed=seed)
+    return data.Datasets(
+        train=pair_dataset(train, shuffle=True, num_epochs=None, **common),
+        validation=pair_dataset(validation, shuffle=False, num_epochs=1, **common),
+        tokenizer=tokenizer,
+        unigram_loss=completion_unigram_loss(train, validation, tokenizer.get_vocab_size()))
+
+
+# ------------------------------------------------------------------------ the config block
+
+
+_DATA_FIELDS = ("n_train", "n_validation", "answers_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The run's task (the typed `config.task` block). With it the run's data is the task's
+    prompt/completion data (`config.data.source='task'`; `seq_len` and `batch_size` still come
+    from `config.data`), so every stage's batches carry a `loss_mask`.
+
+        config.task = dict(kind='chain_arithmetic', min_steps=2, max_steps=4, harder_steps=2,
+                           n_train=20000, n_validation=512, answers_only=False)
+        config.task = dict(kind='jsonl', path='mine.jsonl', answer_pattern=r'#(\\S+)\\s*$',
+                           n_train=None, n_validation=None)      # None: the whole split
+
+    `kind` picks the task (`tasks.KINDS`); its other fields are the task's own.
+    """
+
+    task: tasks.Task
+    n_train: int | None = 20_000
+    n_validation: int | None = 512
+    answers_only: bool = False
+    key: str = dataclasses.field(default="config.task", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        validate.optional_positive_int(f"{k}.n_train", self.n_train, "or None: the whole split")
+        validate.optional_positive_int(f"{k}.n_validation", self.n_validation,
+                                       "or None: the whole split")
+        validate.boolean(f"{k}.answers_only", self.answers_only)
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any], key: str = "config.task") -> TaskConfig:
+        """From the config block: `kind`, the data fields, and the task's own fields."""
+        fields = dict(block)
+        kind = fields.pop("kind", "")
+        common = {name: fields.pop(name) for name in _DATA_FIELDS if name in fields}
+        return cls(task=tasks.make(kind, fields, key), **common, key=key)
+
+    def tokenizer(self, data_config: data.DataConfig) -> tokenizers.Tokenizer:
+        """`config.data.tokenizer`: 'chars' (the task's alphabet), 'builtin' or a file."""
+        if data_config.tokenizer == CHARS:
+            return tasks.char_tokenizer(self.task.alphabet)
+        if data_config.tokenizer == "builtin":
+            return data.builtin_tokenizer(data_config.cache_dir or None)
+        return data.load_tokenizer(data_config.tokenizer)
+
+    def datasets(self, data_config: data.DataConfig, *, seed: int) -> data.Datasets:
+        return task_datasets(self.task, self.tokenizer(data_config),
+                             seq_len=data_config.seq_len, batch_size=data_config.batch_size,
+                             seed=seed, n_train=self.n_train, n_validation=self.n_validation,
+                             answers_only=self.answers_only)
