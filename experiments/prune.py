@@ -170,12 +170,10 @@ def calibration_loss(cfg: ModelConfig, params: model.Params, batches: Sequence[A
 
 
 def architecture(hf_in: str) -> str:
-    """The parent's architecture name, so the child loads as the same class."""
-    config = json.loads((Path(hf_in) / hf.CONFIG_FILE).read_text(encoding="utf-8"))
-    names = config.get("architectures") or []
-    if names and names[0] in hf.ARCHITECTURES:
-        return names[0]
-    return "LlamaForCausalLM" if config.get("model_type") == "llama" else "MistralForCausalLM"
+    """The parent's architecture name, so the child loads as the same class (a Mistral 3
+    wrapper's child as its text model's class)."""
+    file = Path(hf_in) / hf.CONFIG_FILE
+    return hf.text_architecture(json.loads(file.read_text(encoding="utf-8")), source=str(file))
 
 
 def carried_config(hf_in: str) -> dict[str, Any]:
