@@ -33,7 +33,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from cascade_jax import checkpoint, data, evaluate, files, hf, model, prune, sharding, train
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import ModelConfig, rope_scaling_from
 from cascade_jax.distill import losses
 from cascade_jax.distill import step as distill_step
 from cascade_jax.metrics import MetricWriter, read_metrics
@@ -266,15 +266,25 @@ def with_runtime_settings(cfg: ModelConfig, root: ml_collections.ConfigDict) -> 
     Shape fields of `root.model` that disagree with the files are logged, not applied: the
     files are the model; `root.model` only describes it for `experiments.plan`.
     """
-    given = dict(root.get("model") or {})
+    block = root.get("model") or {}
+    given = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else dict(block)
     changes = {name: given[name] for name in RUNTIME_FIELDS if given.get(name) is not None}
     stored = cfg.to_dict()
     differ = sorted(name for name, value in given.items()
-                    if name not in RUNTIME_FIELDS and name in stored and value != stored[name])
+                    if name not in RUNTIME_FIELDS and name in stored
+                    and _disagrees(cfg, name, value))
     if differ:
         logging.warning("config.root.model disagrees with %s on %s; using the files' values",
                         root.path, {name: (given[name], stored[name]) for name in differ})
     return cfg.replace(**changes)
+
+
+def _disagrees(cfg: ModelConfig, name: str, value: Any) -> bool:
+    """Whether a `root.model` field differs from the files' config; RoPE scaling compared as
+    the choice it becomes (Llama 3.1's old 4-tuple equals its tagged dict)."""
+    if name == "rope_scaling":
+        return rope_scaling_from(value) != cfg.rope_scaling
+    return value != getattr(cfg, name)
 
 
 def _root_config(run: _Run) -> ModelConfig:

@@ -279,3 +279,20 @@ def test_an_hf_root_runs_with_the_configs_runtime_settings(reference, corpus_dir
     assert abs(hf_results[0]["validation_loss"] - results[0]["validation_loss"]) < 0.02
     assert hf_results[0]["params"] == results[0]["params"]
     assert np.isfinite(hf_results[1]["validation_loss"]) and hf_results[1]["tokens"] > 0
+
+
+def test_runtime_settings_compare_rope_scaling_as_the_choice_it_becomes(caplog):
+    """A config's Llama 3.1 4-tuple equals the files' tagged 'llama3' scaling (no warning);
+    a different scaling is reported."""
+    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
+                      head_dim=4, d_ff=8, rope_scaling=(8.0, 1.0, 4.0, 8192))
+    root = ml_collections.ConfigDict(dict(path="hf_dir", model=dict(
+        rope_scaling=(8.0, 1.0, 4.0, 8192), dtype="bfloat16")))
+    with caplog.at_level("WARNING"):
+        assert cascade.with_runtime_settings(cfg, root).dtype == "bfloat16"
+    assert "disagrees" not in caplog.text
+    root = ml_collections.ConfigDict(dict(path="hf_dir", model=dict(rope_scaling=dict(
+        rope_type="yarn", factor=2.0, original_max_position_embeddings=8))))
+    with caplog.at_level("WARNING"):
+        assert cascade.with_runtime_settings(cfg, root).rope_scaling == cfg.rope_scaling
+    assert "disagrees" in caplog.text and "rope_scaling" in caplog.text
