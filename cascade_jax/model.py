@@ -116,11 +116,11 @@ def _llama3_frequencies(inv_freq: jax.Array, scaling: Llama3RopeScaling) -> jax.
     return jnp.where(medium, smoothed, scaled)
 
 
-def yarn_ramp_bounds(head_dim: int, theta: float, scaling: YarnRopeScaling
-                     ) -> tuple[float, float]:
-    """YaRN's ramp ends (arXiv 2309.00071, eq. 17-18): the frequency indices whose wavelength
-    turns beta_fast resp. beta_slow times over the original context, clipped to [0, E - 1]
-    (rounded outward when `truncate`)."""
+def _yarn_ramp_bounds(head_dim: int, theta: float, scaling: YarnRopeScaling
+                      ) -> tuple[float, float]:
+    """YaRN's ramp ends (arXiv 2309.00071, "NTK-by-parts"): the frequency indices whose
+    wavelength turns beta_fast resp. beta_slow times over the original context, clipped to
+    [0, E - 1] (rounded outward when `truncate`)."""
 
     def index_of(rotations: float) -> float:
         length = scaling.original_max_position_embeddings
@@ -136,7 +136,7 @@ def _yarn_frequencies(inv_freq: jax.Array, head_dim: int, theta: float,
                       scaling: YarnRopeScaling) -> jax.Array:
     """YaRN's "NTK-by-parts": frequency i interpolated (divided by `factor`) by the weight of a
     linear ramp from 0 at `low` to 1 at `high`, extrapolated (kept) by the rest."""
-    low, high = yarn_ramp_bounds(head_dim, theta, scaling)
+    low, high = _yarn_ramp_bounds(head_dim, theta, scaling)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
     ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)

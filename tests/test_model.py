@@ -79,7 +79,7 @@ def _np_forward(cfg, params, tokens, segment_ids, positions):
 
 def _np_rope(head_dim, theta, scaling):
     """float64 RoPE inverse frequencies and the cos/sin factor; YaRN written from the paper
-    (arXiv 2309.00071 §3.2 "NTK-by-parts", §3.4 attention scale) with transformers' options."""
+    (arXiv 2309.00071: "NTK-by-parts" and the attention scale) with transformers' options."""
     extrapolated = theta ** -(np.arange(0, head_dim, 2) / head_dim)
     if scaling is None:
         return extrapolated, 1.0
