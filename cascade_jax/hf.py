@@ -646,11 +646,12 @@ def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
         return 8 + length, json.loads(f.read(length))
 
 
-def _map_fp8(file: Path, stored: str) -> np.ndarray:
+def _map_fp8(file: Path, header: tuple[int, dict[str, Any]], stored: str) -> np.ndarray:
     """A float8_e4m3fn tensor memory-mapped, not read: safetensors' numpy reader has no float8
-    dtype, and indexing the map reads only the rows a block needs."""
-    start, header = _safetensors_header(file)
-    info = header[stored]
+    dtype, and indexing the map reads only the rows a block needs. `header`: the file's
+    `_safetensors_header`."""
+    start, entries = header
+    info = entries[stored]
     begin, end = info["data_offsets"]
     raw = np.memmap(file, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
     return raw.view(ml_dtypes.float8_e4m3fn).reshape(info["shape"])
@@ -729,6 +730,7 @@ class _Checkpoint:
         self.files = {name: where[stored] for name, stored in self.stored.items()}
         self.where = dict(self.files)  # the tensors to read (FP8 scales apart)
         self.scales: dict[str, str] = {}  # FP8 weight → its scale_inv
+        self.headers: dict[Path, tuple[int, dict[str, Any]]] = {}  # FP8 files' headers
         if fp8 is not None:
             for name in self.files:
                 if name.endswith(_SCALE_SUFFIX):
@@ -746,7 +748,11 @@ class _Checkpoint:
         if found.get_dtype() != _FP8_DTYPE:
             return found
         scale = np.asarray(self.meta(self.scales[name])[...], np.float32)
-        return _Fp8Slice(_map_fp8(self.files[name], self.stored[name]), scale, self.fp8.block)
+        file = self.files[name]
+        if file not in self.headers:  # parsed once per file, not once per layer and shard
+            self.headers[file] = _safetensors_header(file)
+        raw = _map_fp8(file, self.headers[file], self.stored[name])
+        return _Fp8Slice(raw, scale, self.fp8.block)
 
     def validate(self, cfg: ModelConfig, shapes: Mapping[tuple[str, ...], Any]) -> None:
         """All missing, unexpected, mis-shaped or non-float tensors, in one error."""
