@@ -178,6 +178,7 @@ def architecture(hf_in: str) -> str:
 
 def carried_config(hf_in: str) -> dict[str, Any]:
     config = json.loads((Path(hf_in) / hf.CONFIG_FILE).read_text(encoding="utf-8"))
+    config = {**config, **(config.get("text_config") or {})}  # a Mistral 3 wrapper's are there
     return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
 
 

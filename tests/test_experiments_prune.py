@@ -143,3 +143,14 @@ def test_cli_reports_a_bad_target(parent, tmp_path):
     assert done.returncode != 0
     assert "Target n_layers=9 exceeds the parent's n_layers=4" in done.stderr
     assert not (tmp_path / "child").exists()
+
+
+def test_a_wrapper_parent_gives_its_text_family_and_token_ids(tmp_path):
+    """A Mistral 3 wrapper's child is written as its text model, with the text model's ids."""
+    wrapper = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+               "text_config": {"model_type": "ministral3", "bos_token_id": 1, "eos_token_id": 2,
+                               "pad_token_id": 11}}
+    (tmp_path / hf.CONFIG_FILE).write_text(json.dumps(wrapper))
+    assert prune_main.architecture(str(tmp_path)) == "Ministral3ForCausalLM"
+    assert prune_main.carried_config(str(tmp_path)) == {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11}
