@@ -452,8 +452,10 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE,
     A missing or "auto" dtype reads as float32 (`load` uses the tensors' own dtype instead).
     """
     text, family = _text_config(hf, source)
-    _refuse_unmodelled(text, family, source)
     _fp8_scheme(hf, source)
+    if text is not hf:  # errors about the text model's keys say where they live
+        source = f"{source} (text_config)"
+    _refuse_unmodelled(text, family, source)
     rope_theta, rope_scaling = _rope(text, source)
     d_model = int(_require(text, "hidden_size", source))
     n_heads = int(_require(text, "num_attention_heads", source))
