@@ -25,6 +25,7 @@ setup(
         "absl-py>=2.0",
         "etils[epath]>=1.5",
         "safetensors>=0.8.0",
+        "ml_dtypes>=0.5",  # float8_e4m3fn, to read FP8 checkpoints (a jax dependency too)
         "tokenizers>=0.23.3",
         "numpy>=2.0",
         "tqdm>=4.66",

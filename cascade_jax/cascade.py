@@ -46,7 +46,7 @@ from cascade_jax import (
     steps,
     train,
 )
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import ModelConfig, rope_scaling_from
 from cascade_jax.metrics import MetricWriter, read_metrics
 from cascade_jax.objectives import StageContext, Trained
 from cascade_jax.runconfig import (
@@ -131,11 +131,20 @@ def with_runtime_settings(cfg: ModelConfig, root: RootConfig) -> ModelConfig:
     changes = {name: given[name] for name in RUNTIME_FIELDS if given.get(name) is not None}
     stored = cfg.to_dict()
     differ = sorted(name for name, value in given.items()
-                    if name not in RUNTIME_FIELDS and name in stored and value != stored[name])
+                    if name not in RUNTIME_FIELDS and name in stored
+                    and _disagrees(cfg, name, value))
     if differ:
         logging.warning("config.root.model disagrees with %s on %s; using the files' values",
                         root.path, {name: (given[name], stored[name]) for name in differ})
     return cfg.replace(**changes)
+
+
+def _disagrees(cfg: ModelConfig, name: str, value: Any) -> bool:
+    """Whether a `root.model` field differs from the files' config; RoPE scaling compared as
+    the choice it becomes (Llama 3.1's old 4-tuple equals its tagged dict)."""
+    if name == "rope_scaling":
+        return rope_scaling_from(value) != cfg.rope_scaling
+    return value != getattr(cfg, name)
 
 
 def root_model(root: RootConfig, *, from_files: bool = True) -> ModelConfig:

@@ -7,7 +7,9 @@ with a message that names the value and a way out, before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -25,22 +27,135 @@ def _multiples(of: int, near: int, count: int = 4) -> list[int]:
     return sorted(candidates)
 
 
-def _check_rope_scaling(scaling: Any) -> None:
-    try:
-        factor, low, high, original = scaling
-        ok = factor > 0 and 0 < low < high and int(original) == original and original > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"rope_scaling={scaling!r} must be (factor, low_freq_factor, "
-                         "high_freq_factor, original_max_position_embeddings) with factor > 0, "
-                         "0 < low_freq_factor < high_freq_factor and a positive integer "
-                         "length, e.g. Llama 3.1's (8.0, 1.0, 4.0, 8192); or None")
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's 'llama3' RoPE frequency rule: wavelengths beyond
+    original_max_position_embeddings / low_freq_factor are slowed by `factor`, those below
+    original / high_freq_factor kept, the band between interpolated. Field names are the
+    `rope_parameters` keys of a Hugging Face config.json."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: ClassVar[str] = "llama3"
+
+    def __post_init__(self) -> None:
+        ok = (_is_real(self.factor) and self.factor > 0 and _is_real(self.low_freq_factor)
+              and _is_real(self.high_freq_factor)
+              and 0 < self.low_freq_factor < self.high_freq_factor
+              and _is_count(self.original_max_position_embeddings))
+        if not ok:
+            raise ValueError(f"rope_scaling={self!r} must have factor > 0, 0 < low_freq_factor "
+                             "< high_freq_factor and a positive integer "
+                             "original_max_position_embeddings, e.g. Llama 3.1's "
+                             "(8.0, 1.0, 4.0, 8192)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rope_type": self.rope_type, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN (arXiv 2309.00071): RoPE frequencies interpolated by `factor` below a ramp between
+    the dimensions that turn beta_slow and beta_fast times over original_max_position_embeddings,
+    kept above it; cos/sin scaled by `attention_scale` (so the logits by its square).
+
+    Every parameter transformers' `_compute_yarn_parameters` reads, under its names. Unset
+    `attention_factor` is derived: mscale(factor, mscale) / mscale(factor, mscale_all_dim) when
+    both mscales are set and non-zero, else mscale(factor), with mscale(s, m) = 0.1 m ln(s) + 1
+    (1 when s <= 1). `truncate` rounds the ramp's ends outward to whole dimensions.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    rope_type: ClassVar[str] = "yarn"
+
+    def __post_init__(self) -> None:
+        optional = (self.mscale, self.mscale_all_dim, self.attention_factor)
+        ok = (_is_real(self.factor) and self.factor > 0
+              and _is_count(self.original_max_position_embeddings)
+              and _is_real(self.beta_fast) and _is_real(self.beta_slow)
+              and self.beta_fast > self.beta_slow > 0
+              and all(v is None or _is_real(v) for v in optional)
+              and (self.attention_factor is None or self.attention_factor > 0)
+              and isinstance(self.truncate, bool))
+        if not ok:
+            raise ValueError(f"rope_scaling={self!r} must have factor > 0, a positive integer "
+                             "original_max_position_embeddings, beta_fast > beta_slow > 0, "
+                             "real mscale / mscale_all_dim (or None), attention_factor > 0 (or "
+                             "None) and a bool truncate; e.g. Ministral 3's factor 16.0, "
+                             "original_max_position_embeddings 16384, beta_fast 32.0, "
+                             "beta_slow 1.0, mscale 1.0, mscale_all_dim 1.0")
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor transformers multiplies cos and sin by (`attention_factor`, or derived)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def mscale(m: float) -> float:
+            return 1.0 if self.factor <= 1 else 0.1 * m * math.log(self.factor) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return mscale(self.mscale) / mscale(self.mscale_all_dim)
+        return mscale(1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rope_type": self.rope_type, **dataclasses.asdict(self)}
+
+
+RopeScaling = Llama3RopeScaling | YarnRopeScaling
+ROPE_SCALINGS: dict[str, type[Llama3RopeScaling | YarnRopeScaling]] = {
+    cls.rope_type: cls for cls in (Llama3RopeScaling, YarnRopeScaling)}
+
+
+def rope_scaling_from(value: Any) -> RopeScaling | None:
+    """A `RopeScaling` from itself, its `to_dict()` (JSON), or the 4-tuple (factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings) that configs and
+    checkpoint metadata written before YaRN store for 'llama3'."""
+    if value is None or isinstance(value, RopeScaling):
+        return value
+    if isinstance(value, Mapping):
+        fields = dict(value)
+        kind = fields.pop("rope_type", None)
+        if kind not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={value!r} has rope_type={kind!r}; choose one of "
+                             f"{sorted(ROPE_SCALINGS)}")
+        cls = ROPE_SCALINGS[kind]
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        required = [name for name, f in known.items() if f.default is dataclasses.MISSING]
+        if set(fields) - set(known) or set(required) - set(fields):
+            raise ValueError(f"rope_scaling={value!r}: {kind!r} needs {required} and may have "
+                             f"{sorted(set(known) - set(required))}; unknown "
+                             f"{sorted(set(fields) - set(known))}, missing "
+                             f"{sorted(set(required) - set(fields))}")
+        return cls(**fields)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 4:
+        return Llama3RopeScaling(*value)
+    raise ValueError(f"rope_scaling={value!r} must be None, a Llama3RopeScaling / "
+                     "YarnRopeScaling (or its to_dict()), or Llama 3.1's 4-tuple (factor, "
+                     "low_freq_factor, high_freq_factor, original_max_position_embeddings), "
+                     "e.g. (8.0, 1.0, 4.0, 8192)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Mistral/Llama-family decoder.
+    """Shape and numerics of a Mistral/Llama/Qwen-family decoder.
 
     `head_dim` is independent of `d_model / n_heads` (Mistral Small 3.1: d_model 5120 with
     32 heads of 128), which is also what lets pruning cut `d_model` and heads separately.
@@ -60,9 +175,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     sliding_window: int | None = None
-    # Llama 3.1's 'llama3' RoPE frequency scaling, (factor, low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings), e.g. (8.0, 1.0, 4.0, 8192); None: plain RoPE.
-    rope_scaling: tuple[float, float, float, int] | None = None
+    # RoPE frequency scaling: Llama 3.1's 'llama3' or YaRN; None: plain RoPE. Also given as
+    # its to_dict() or (llama3 only) the old 4-tuple, converted here (see rope_scaling_from).
+    rope_scaling: RopeScaling | None = None
+    # Ministral 3's query scale (arXiv 2601.08584; Llama 4's attention temperature): queries
+    # times 1 + β·log(1 + floor(position / original_max_position_embeddings)), the position
+    # within its own packed segment and the length rope_scaling's. None: no scale.
+    query_scale_beta: float | None = None
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, arXiv 2407.10671)
+    qk_norm: bool = False   # per-head RMSNorm of q and k before RoPE (Qwen3, arXiv 2505.09388)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -99,10 +220,12 @@ class ModelConfig:
                 or self.attention_chunk < 1):
             raise ValueError(f"attention_chunk={self.attention_chunk!r} must be None (all "
                              "queries at once) or a positive number of queries, e.g. 1024")
-        if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
-            # JSON round trips give a list; a tuple keeps the config hashable (a jit static).
-            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        # A frozen dataclass, not a dict or list, keeps the config hashable (a jit static).
+        object.__setattr__(self, "rope_scaling", rope_scaling_from(self.rope_scaling))
+        self._check_query_scale()
+        for name in ("qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window!r} must be None (full "
                              "causal attention) or a positive number of tokens")
@@ -110,6 +233,19 @@ class ModelConfig:
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; choose one "
                                  f"of {sorted(_DTYPES)}")
+
+    def _check_query_scale(self) -> None:
+        beta = self.query_scale_beta
+        if beta is None:
+            return
+        if not _is_real(beta):
+            raise ValueError(f"query_scale_beta={beta!r} must be a real number (Ministral 3 "
+                             "uses 0.1) or None")
+        if self.rope_scaling is None:
+            raise ValueError(f"query_scale_beta={beta} needs rope_scaling: the query scale "
+                             "counts positions in units of rope_scaling's "
+                             "original_max_position_embeddings; set rope_scaling (Ministral 3: "
+                             "YaRN) or query_scale_beta=None")
 
     @property
     def n_groups(self) -> int:
@@ -129,11 +265,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready fields; `rope_scaling` as its tagged dict ({"rope_type": ..., ...})."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = self.rope_scaling.to_dict()
+        return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown keys are an error so typos don't pass silently."""
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are an error so typos don't pass silently.
+
+        Dicts written before a field existed load with its default, and an old 'llama3'
+        `rope_scaling` 4-tuple (a list after JSON) still reads."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -145,6 +288,7 @@ class ModelConfig:
         """Parameter count, from the shapes alone (used by planning before any allocation)."""
         d, f, e = self.d_model, self.d_ff, self.head_dim
         attn = d * e * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn += self.qkv_bias * e * (self.n_heads + 2 * self.n_kv_heads) + self.qk_norm * 2 * e
         mlp = 3 * d * f
         per_layer = attn + mlp + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)

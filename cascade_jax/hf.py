@@ -1,13 +1,19 @@
-"""Hugging Face `LlamaForCausalLM` / `MistralForCausalLM` directories ↔ `(ModelConfig, params)`.
+"""Hugging Face decoder directories ↔ `(ModelConfig, params)`: Llama, Mistral, Ministral 3,
+Qwen2/2.5 and Qwen3 `*ForCausalLM`, and the text model inside a Mistral 3 wrapper
+(`Mistral3ForConditionalGeneration`), in float or FP8.
 
 Why this shape:
 - One table (`_TENSORS`) names every HF tensor, its param path and its layout change; load, save
-  and validation all derive from it, so the two directions cannot drift apart.
+  and validation all derive from it, so the two directions cannot drift apart. One table of
+  families (`_FAMILIES`) says what each architecture's config.json can express.
 - HF stores a torch `Linear` as `[out, in]`; we store `[*in_axes, *out_axes]` with heads split
   out (`wq_DHE`, `wo_HED`). Converting is "transpose, then reshape" and back.
 - Loading streams: each stacked `[N, ...]` leaf is filled layer by layer into one host buffer,
   or, given a target sharding, each device's shard is read straight from the file through
   `safe_open(...).get_slice`, so a 24B checkpoint never needs two full copies in host memory.
+  FP8 weights are dequantized block by block as they are read.
+- A Mistral 3 wrapper's text tensors are renamed to the plain layout when the files are
+  indexed (either prefix); its vision tower and projector stay on disk, never read.
 - Everything is checked before any weight is read: architecture and config fields we do not
   model, missing/unexpected tensors, shapes and dtypes, each reported by name with the way out.
 - Saving is atomic (temp dir next to the target, then rename) and gathers one tensor at a time.
@@ -21,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -28,18 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cascade_jax import files, model, paths
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import (
+    ROPE_SCALINGS,
+    Llama3RopeScaling,
+    ModelConfig,
+    RopeScaling,
+    YarnRopeScaling,
+)
 
 Params = dict[str, Any]
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -55,8 +67,48 @@ _MODELLED_KEYS = frozenset({
     "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act",
     "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "rope_theta",
     "rope_parameters", "rope_scaling", "sliding_window", "dtype", "torch_dtype",
-    "attention_bias", "mlp_bias", "quantization_config",
+    "attention_bias", "mlp_bias", "quantization_config", "use_sliding_window",
+    "max_window_layers", "layer_types", "text_config", "vision_config",
 })
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """One transformers text architecture: what its config.json can express.
+
+    `window`: how it reads a sliding window: "ignored" (Llama never applies `sliding_window`),
+    "key" (Mistral, Ministral 3: `sliding_window` applies to every layer), "layers" (Qwen:
+    only with `use_sliding_window`, on the layers `layer_types` / `max_window_layers` name).
+    `qkv_bias` / `qk_norm`: the family always has them (Qwen2 / Qwen3), the others never.
+    `query_scale`: applies `rope_parameters.llama_4_scaling_beta` (Ministral 3).
+    """
+
+    architecture: str
+    model_type: str
+    window: str
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    query_scale: bool = False
+
+
+_FAMILIES = {f.architecture: f for f in (
+    _Family("LlamaForCausalLM", "llama", window="ignored"),
+    _Family("MistralForCausalLM", "mistral", window="key"),
+    _Family("Ministral3ForCausalLM", "ministral3", window="key", query_scale=True),
+    _Family("Qwen2ForCausalLM", "qwen2", window="layers", qkv_bias=True),
+    _Family("Qwen3ForCausalLM", "qwen3", window="layers", qk_norm=True),
+)}
+ARCHITECTURES = tuple(_FAMILIES)  # what save writes, and load reads as is
+# Mistral 3 (Mistral Small 3.1, Ministral 3): a vision tower and projector around a text
+# model whose config is `text_config` (model_type 'mistral' or 'ministral3'); load reads the
+# text model, save writes it as that text family.
+WRAPPER = "Mistral3ForConditionalGeneration"
+_WRAPPER_TEXT_TYPES = ("mistral", "ministral3")
+_BY_MODEL_TYPE = {f.model_type: f.architecture for f in _FAMILIES.values()}
+_BY_MODEL_TYPE["mistral3"] = WRAPPER
 
 
 # ----------------------------------------------------------------------------- the mapping
@@ -67,12 +119,15 @@ class _Tensor:
     """One HF tensor (one per layer when `hf` contains `{i}`) ↔ one param leaf.
 
     `n_in`: HF holds a torch Linear `[out, in]`; our leaf is `[*in_axes, *out_axes]` with
-    `n_in` input axes (wq_DHE: 1, wo_HED: 2). None: identical layout (norms, embedding).
+    `n_in` input axes (wq_DHE: 1, wo_HED: 2). 0: HF holds our leaf flattened to 1-D (a bias
+    [H*E] ↔ bq_HE). None: identical layout (norms, embedding). `needs`: the config flag
+    without which the tensor does not exist ('untied', 'qkv_bias', 'qk_norm').
     """
 
     hf: str
     path: str  # our param's path (`paths`)
     n_in: int | None = None
+    needs: str | None = None
 
     @property
     def stacked(self) -> bool:
@@ -88,35 +143,48 @@ class _Tensor:
         """HF shape of one tensor, given our per-layer shape."""
         if self.n_in is None:
             return tuple(ours)
+        if self.n_in == 0:
+            return (math.prod(ours),)
         return (math.prod(ours[self.n_in:]), math.prod(ours[:self.n_in]))
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         if self.n_in is None:
             return np.ascontiguousarray(ours)
+        if self.n_in == 0:
+            return np.ascontiguousarray(ours.reshape(-1))
         in_size = math.prod(ours.shape[:self.n_in])
         return np.ascontiguousarray(ours.reshape(in_size, -1).T)
 
 
 _EMBEDDING, _LM_HEAD = "embed/embedding", "lm_head/kernel"
+_ATTN = "model.layers.{i}.self_attn."
 _TENSORS = (
-    _Tensor("model.embed_tokens.weight", _EMBEDDING),                                # [V, D]
+    _Tensor("model.embed_tokens.weight", _EMBEDDING),                     # [V, D]
     _Tensor("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale"),
-    _Tensor("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/wq", 1),        # [H*E, D]
-    _Tensor("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/wk", 1),        # [K*E, D]
-    _Tensor("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/wv", 1),        # [K*E, D]
-    _Tensor("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/wo", 2),        # [D, H*E]
+    _Tensor(_ATTN + "q_proj.weight", "layers/attn/wq", 1),                     # [H*E, D]
+    _Tensor(_ATTN + "k_proj.weight", "layers/attn/wk", 1),                     # [K*E, D]
+    _Tensor(_ATTN + "v_proj.weight", "layers/attn/wv", 1),                     # [K*E, D]
+    _Tensor(_ATTN + "q_proj.bias", "layers/attn/bq", 0, "qkv_bias"),           # [H*E]
+    _Tensor(_ATTN + "k_proj.bias", "layers/attn/bk", 0, "qkv_bias"),           # [K*E]
+    _Tensor(_ATTN + "v_proj.bias", "layers/attn/bv", 0, "qkv_bias"),           # [K*E]
+    _Tensor(_ATTN + "q_norm.weight", "layers/attn/q_norm", None, "qk_norm"),   # [E]
+    _Tensor(_ATTN + "k_norm.weight", "layers/attn/k_norm", None, "qk_norm"),   # [E]
+    _Tensor(_ATTN + "o_proj.weight", "layers/attn/wo", 2),                     # [D, H*E]
     _Tensor("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale"),
-    _Tensor("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate", 1),        # [F, D]
-    _Tensor("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_up", 1),            # [F, D]
-    _Tensor("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down", 1),        # [D, F]
+    _Tensor("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate", 1),  # [F, D]
+    _Tensor("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_up", 1),      # [F, D]
+    _Tensor("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down", 1),  # [D, F]
     _Tensor("model.norm.weight", "final_norm/scale"),
-    _Tensor("lm_head.weight", _LM_HEAD, 1),                                          # [V, D]
+    _Tensor("lm_head.weight", _LM_HEAD, 1, "untied"),                     # [V, D]
 )
+_HEAD = "lm_head.weight"
 
 
 def _tensors(cfg: ModelConfig) -> tuple[_Tensor, ...]:
-    """The entries that exist for `cfg` (no `lm_head` when embeddings are tied)."""
-    return tuple(t for t in _TENSORS if not (cfg.tie_embeddings and t.path == _LM_HEAD))
+    """The entries that exist for `cfg` (no `lm_head` when tied, biases and q/k norms only
+    when the config has them)."""
+    flags = {"untied": not cfg.tie_embeddings, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm}
+    return tuple(t for t in _TENSORS if t.needs is None or flags[t.needs])
 
 
 def _leaf_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
@@ -137,49 +205,198 @@ def _per_layer(t: _Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _architecture(hf: Mapping[str, Any], source: str) -> str:
+    """The one architecture a config.json names (or its model_type implies), if we read it."""
     archs = hf.get("architectures") or []
-    if not archs and hf.get("model_type") in _MODEL_TYPES:
-        archs = [_MODEL_TYPES[hf["model_type"]]]
-    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        hint = (" It wraps a text model (`text_config`): save that text model as "
-                "MistralForCausalLM/LlamaForCausalLM first." if "text_config" in hf else "")
+    if not archs and hf.get("model_type") in _BY_MODEL_TYPE:
+        archs = [_BY_MODEL_TYPE[hf["model_type"]]]
+    if len(archs) != 1 or archs[0] not in (*ARCHITECTURES, WRAPPER):
+        hint = (" It wraps a text model (`text_config`): save that text model as one of those "
+                "first." if "text_config" in hf else "")
         raise ValueError(
             f"{source}: architecture {archs or hf.get('model_type')!r} is not supported; "
-            f"cascade_jax.hf reads and writes {list(ARCHITECTURES)} (RMSNorm, RoPE, GQA, "
-            f"SwiGLU decoders). Convert the checkpoint to one of those, or add its tensor "
-            f"names to cascade_jax/hf.py.{hint}")
+            f"cascade_jax.hf reads {[*ARCHITECTURES, WRAPPER]} and writes "
+            f"{list(ARCHITECTURES)} (RMSNorm, RoPE, GQA, SwiGLU decoders). Convert the "
+            f"checkpoint to one of those, or add its tensor names to cascade_jax/hf.py.{hint}")
     return archs[0]
 
 
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position_embeddings")
+def _text_config(hf: Mapping[str, Any], source: str) -> tuple[Mapping[str, Any], _Family]:
+    """The text model's config and family: `hf` itself, or a Mistral 3 wrapper's text_config."""
+    architecture = _architecture(hf, source)
+    if architecture != WRAPPER:
+        return hf, _FAMILIES[architecture]
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ValueError(f"{source}: {WRAPPER} needs a `text_config` object (the language "
+                         f"model's config), found {text!r}; re-download config.json")
+    text_type = text.get("model_type", "mistral")  # transformers' default text model
+    if text_type not in _WRAPPER_TEXT_TYPES:
+        raise ValueError(f"{source}: text_config.model_type={text_type!r} is not supported; a "
+                         f"{WRAPPER} is read when its text model is one of "
+                         f"{list(_WRAPPER_TEXT_TYPES)}. Save the text model alone as one of "
+                         f"{list(ARCHITECTURES)} and load that")
+    return text, _FAMILIES[_BY_MODEL_TYPE[text_type]]
 
 
-def _rope(hf: Mapping[str, Any], source: str
-          ) -> tuple[float, tuple[float, float, float, int] | None]:
-    """(rope_theta, rope_scaling). transformers 5 keeps RoPE under `rope_parameters`; 4.x used
-    `rope_theta` + `rope_scaling`. Plain RoPE and Llama 3.1's 'llama3' scaling are modelled."""
+def text_architecture(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> str:
+    """The `*ForCausalLM` a config.json's text model is (a Mistral 3 wrapper's: its
+    text_config's): what a pruned child of it is saved as."""
+    return _text_config(hf, source)[1].architecture
+
+
+def _rope_dict(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """transformers 5 keeps RoPE under `rope_parameters`; 4.x used `rope_theta` + `rope_scaling`."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(rope, Mapping) or any(isinstance(v, Mapping) for v in rope.values()):
-        raise ValueError(f"{source}: rope parameters {rope!r} are not one plain RoPE setting "
+        raise ValueError(f"{source}: rope_parameters {rope!r} is not one plain RoPE setting "
                          "(per-layer-type RoPE is not supported)")
+    rope = dict(rope)
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: rope_parameters.partial_rotary_factor="
+                         f"{rope['partial_rotary_factor']} is not supported (RoPE rotates "
+                         "every channel of a head here); use a checkpoint without it")
+    return rope
+
+
+def _original_length(hf: Mapping[str, Any], rope: Mapping[str, Any]) -> int | None:
+    """transformers' precedence: a top-level `original_max_position_embeddings` (Phi-3 style),
+    else rope_parameters', else max_position_embeddings."""
+    value = hf.get("original_max_position_embeddings", rope.get("original_max_position_embeddings"))
+    value = value if value is not None else hf.get("max_position_embeddings")
+    return None if value is None else int(value)
+
+
+def _yarn(hf: Mapping[str, Any], rope: Mapping[str, Any], source: str) -> YarnRopeScaling:
+    """YaRN with transformers' defaults filled in: factor from the two lengths if unset,
+    beta_fast / beta_slow 32 / 1 when unset or zero, truncate True."""
+    original = _original_length(hf, rope)
+    if original is None:
+        raise ValueError(f"{source}: RoPE scaling 'yarn' needs "
+                         "rope_parameters.original_max_position_embeddings (or "
+                         "max_position_embeddings); add the length the model was pretrained "
+                         "at (Ministral 3: 16384)")
+    factor = rope.get("factor")
+    if factor is None:
+        factor = _require(hf, "max_position_embeddings", source) / original
+    optional = {key: float(rope[key]) for key in ("mscale", "mscale_all_dim", "attention_factor")
+                if rope.get(key) is not None}
+    return YarnRopeScaling(
+        factor=float(factor), original_max_position_embeddings=original,
+        beta_fast=float(rope.get("beta_fast") or 32.0),
+        beta_slow=float(rope.get("beta_slow") or 1.0),
+        truncate=bool(rope.get("truncate", True)), **optional)
+
+
+def _llama3(hf: Mapping[str, Any], rope: Mapping[str, Any], source: str) -> Llama3RopeScaling:
+    keys = ("factor", "low_freq_factor", "high_freq_factor")
+    original = _original_length(hf, rope)
+    missing = [key for key in keys if rope.get(key) is None]
+    if missing or original is None:
+        raise ValueError(f"{source}: RoPE scaling 'llama3' needs rope_parameters."
+                         f"{missing or ['original_max_position_embeddings']}; add them to "
+                         "config.json (Llama 3.1 uses factor 8, low_freq_factor 1, "
+                         "high_freq_factor 4, original_max_position_embeddings 8192)")
+    return Llama3RopeScaling(*(float(rope[key]) for key in keys), original)
+
+
+def _rope(hf: Mapping[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, rope_scaling): plain RoPE, Llama 3.1's 'llama3' and YaRN are modelled."""
+    rope = _rope_dict(hf, source)
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    readers = {"llama3": _llama3, "yarn": _yarn}
     if rope_type == "default":
         return theta, None
-    if rope_type != "llama3":
+    if rope_type not in readers:
         raise ValueError(
-            f"{source}: RoPE scaling {rope_type!r} ({dict(rope)}) is not supported yet; plain "
-            f"RoPE ('default') and 'llama3' are modelled. Remove the scaling from config.json "
-            f"only if you accept different outputs at long context, or add {rope_type!r} to "
-            f"cascade_jax.model.rope_frequencies.")
-    missing = [key for key in _LLAMA3_KEYS if rope.get(key) is None]
-    if missing:
-        raise ValueError(f"{source}: RoPE scaling 'llama3' needs {missing} (Llama 3.1 uses "
-                         "factor 8, low_freq_factor 1, high_freq_factor 4, "
-                         "original_max_position_embeddings 8192)")
-    factor, low, high, original = (rope[key] for key in _LLAMA3_KEYS)
-    return theta, (float(factor), float(low), float(high), int(original))
+            f"{source}: RoPE scaling {rope_type!r} ({rope}) is not supported yet; plain RoPE "
+            f"('default') and {sorted(ROPE_SCALINGS)} are modelled. Remove the scaling from "
+            f"config.json only if you accept different outputs at long context, or add "
+            f"{rope_type!r} to cascade_jax.model.rope_frequencies.")
+    return theta, readers[rope_type](hf, rope, source)
+
+
+def _query_scale_beta(text: Mapping[str, Any], family: _Family, scaling: RopeScaling | None,
+                      source: str) -> float | None:
+    """Ministral 3's β (`rope_parameters.llama_4_scaling_beta`); None when the family ignores
+    it or β = 0 (a scale of exactly 1)."""
+    if not family.query_scale:
+        return None
+    beta = _rope_dict(text, source).get("llama_4_scaling_beta")
+    if beta is None:
+        raise ValueError(f"{source}: {family.architecture} needs "
+                         "rope_parameters.llama_4_scaling_beta (Ministral 3 uses 0.1; 0 turns "
+                         "the query scale off); add it to config.json")
+    if float(beta) == 0.0:
+        return None
+    if scaling is None:
+        raise ValueError(f"{source}: rope_parameters.llama_4_scaling_beta={beta} with plain "
+                         "RoPE is not supported: the query scale's length is the RoPE "
+                         "scaling's original_max_position_embeddings. Use a 'yarn' "
+                         "rope_parameters (as Ministral 3 releases do)")
+    return float(beta)
+
+
+def _sliding_window(text: Mapping[str, Any], family: _Family, n_layers: int, source: str
+                    ) -> int | None:
+    """The window every layer uses, or None; a window on only some layers is refused."""
+    if family.window == "ignored":  # transformers' Llama never applies one
+        return None
+    window = text.get("sliding_window")
+    if family.window == "key" or window is None:
+        return window
+    if not text.get("use_sliding_window", False):  # Qwen's key is inert without this flag
+        return None
+    first_windowed = int(text.get("max_window_layers", 0))
+    layer_types = text.get("layer_types") or [
+        "sliding_attention" if i >= first_windowed else "full_attention"
+        for i in range(n_layers)]
+    if set(layer_types) == {"full_attention"}:
+        return None
+    if set(layer_types) == {"sliding_attention"}:
+        return window
+    raise ValueError(
+        f"{source}: use_sliding_window=true with max_window_layers={first_windowed} < "
+        f"num_hidden_layers={n_layers} gives a sliding window on some layers only "
+        f"(layer_types {layer_types}); one window for every layer is modelled. Set "
+        "use_sliding_window=false (full attention, what Qwen2.5 releases use) if you accept "
+        "different outputs beyond the window")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fp8:
+    """An FP8 checkpoint's scheme (transformers' finegrained FP8): float8_e4m3fn weights, each
+    with a float `<name>_scale_inv` (`X.weight` → `X.weight_scale_inv`), one per `block`
+    [rows, cols] tile (ceil-divided grid), or a single one per tensor when `block` is None.
+    Dequantized: w = fp8 · scale_inv. `activation_scale`s only matter to FP8 matmuls: unread."""
+
+    block: tuple[int, int] | None
+
+
+_FP8_DTYPE = "F8_E4M3"
+_SCALE_SUFFIX = "_scale_inv"
+_UNREAD_QUANT_SUFFIXES = (".activation_scale",)
+
+
+def _fp8_scheme(hf: Mapping[str, Any], source: str) -> _Fp8 | None:
+    """The `_Fp8` of `quantization_config` (None: not quantized); other methods are refused."""
+    quant = hf.get("quantization_config")
+    if not quant:
+        return None
+    if not isinstance(quant, Mapping) or quant.get("quant_method") != "fp8":
+        method = quant.get("quant_method") if isinstance(quant, Mapping) else quant
+        raise ValueError(f"{source}: quantization_config.quant_method={method!r} is not "
+                         "supported; FP8 ('fp8', float8_e4m3fn weights with weight_scale_inv) "
+                         "is read and dequantized. Dequantize the checkpoint first (e.g. "
+                         "transformers from_pretrained + save_pretrained in bfloat16)")
+    block = quant.get("weight_block_size")
+    if block is None:
+        return _Fp8(None)
+    if (not isinstance(block, list | tuple) or len(block) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"{source}: quantization_config.weight_block_size={block!r} must be "
+                         "[rows, cols] (e.g. [128, 128]) or null (per-tensor scales)")
+    return _Fp8((int(block[0]), int(block[1])))
 
 
 def _dtype_name(value: Any, source: str) -> str | None:
@@ -189,83 +406,159 @@ def _dtype_name(value: Any, source: str) -> str | None:
     name = str(value).removeprefix("torch.") if isinstance(value, str) else np.dtype(value).name
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{source}: dtype {value!r} is not supported; use float32, bfloat16 or "
-                         "float16 (quantized checkpoints must be dequantized first)")
+                         "float16 (FP8 weights are read through quantization_config, other "
+                         "quantized checkpoints must be dequantized first)")
     return name
+
+
+def _configured_dtype(hf: Mapping[str, Any], source: str) -> str | None:
+    """The dtype config.json names (a wrapper's text_config first), or None."""
+    text = hf.get("text_config") if isinstance(hf.get("text_config"), Mapping) else {}
+    for config in (text, hf):
+        for key in ("dtype", "torch_dtype"):
+            if config.get(key) is not None:
+                return _dtype_name(config[key], source)
+    return None
 
 
 def _require(hf: Mapping[str, Any], key: str, source: str) -> Any:
     if hf.get(key) is None:
-        raise ValueError(f"{source}: required key {key!r} is missing; a Llama/Mistral "
+        raise ValueError(f"{source}: required key {key!r} is missing; a Llama/Mistral/Qwen "
                          f"config.json has it (see transformers' LlamaConfig)")
     return hf[key]
 
 
-def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
-    """A `ModelConfig` from a Llama/Mistral `config.json` dict; refuses what we don't model.
-
-    `source` (usually the file's path) is named in every error. A missing or "auto" dtype
-    reads as float32 (`load` uses the tensors' own dtype instead).
-    """
-    architecture = _architecture(hf, source)
+def _refuse_unmodelled(text: Mapping[str, Any], family: _Family, source: str) -> None:
     unsupported = {
-        "attention_bias": hf.get("attention_bias", False),
-        "mlp_bias": hf.get("mlp_bias", False),
-        "quantization_config": hf.get("quantization_config"),
+        "attention_bias": text.get("attention_bias", False),  # also an o_proj bias
+        "mlp_bias": text.get("mlp_bias", False),
     }
     for key, value in unsupported.items():
         if value:
-            raise ValueError(f"{source}: {key}={value!r} is not supported (the decoder has no "
-                             "biases and stores plain float weights); use a checkpoint without it")
-    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; the MLP "
-                         "is SwiGLU (hidden_act 'silu')")
-    rope_theta, rope_scaling = _rope(hf, source)
-    d_model = int(_require(hf, "hidden_size", source))
-    n_heads = int(_require(hf, "num_attention_heads", source))
-    head_dim = hf.get("head_dim")
+            raise ValueError(f"{source}: {key}={value!r} is not supported ({family.architecture}"
+                             " then has output-projection / MLP biases, which the decoder does "
+                             "not model); use a checkpoint without it")
+    if text.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"{source}: hidden_act={text['hidden_act']!r} is not supported; the "
+                         "MLP is SwiGLU (hidden_act 'silu')")
+
+
+def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE,
+                   tie_embeddings: bool | None = None) -> ModelConfig:
+    """A `ModelConfig` from a `config.json` dict (a `*ForCausalLM` we read, or a Mistral 3
+    wrapper: its `text_config`); refuses what we don't model.
+
+    `source` (usually the file's path) is named in every error. `tie_embeddings` overrides
+    the config's (`load` decides a wrapper's tying from whether `lm_head.weight` is stored).
+    A missing or "auto" dtype reads as float32 (`load` uses the tensors' own dtype instead).
+    """
+    text, family = _text_config(hf, source)
+    _fp8_scheme(hf, source)
+    if text is not hf:  # errors about the text model's keys say where they live
+        source = f"{source} (text_config)"
+    _refuse_unmodelled(text, family, source)
+    rope_theta, rope_scaling = _rope(text, source)
+    d_model = int(_require(text, "hidden_size", source))
+    n_heads = int(_require(text, "num_attention_heads", source))
+    n_layers = int(_require(text, "num_hidden_layers", source))
+    head_dim = text.get("head_dim")
     if head_dim is None:
         if d_model % n_heads:
             raise ValueError(f"{source}: head_dim is unset and hidden_size={d_model} is not a "
                              f"multiple of num_attention_heads={n_heads}; set head_dim")
         head_dim = d_model // n_heads
     optional: dict[str, Any] = {}
-    if hf.get("max_position_embeddings") is not None:
-        optional["max_seq_len"] = int(hf["max_position_embeddings"])
+    if text.get("max_position_embeddings") is not None:
+        optional["max_seq_len"] = int(text["max_position_embeddings"])
+    if tie_embeddings is None:
+        tie_embeddings = bool(text.get("tie_word_embeddings", False))
     return ModelConfig(
-        vocab_size=int(_require(hf, "vocab_size", source)),
+        vocab_size=int(_require(text, "vocab_size", source)),
         d_model=d_model,
-        n_layers=int(_require(hf, "num_hidden_layers", source)),
+        n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        n_kv_heads=int(text.get("num_key_value_heads") or n_heads),
         head_dim=int(head_dim),
-        d_ff=int(_require(hf, "intermediate_size", source)),
+        d_ff=int(_require(text, "intermediate_size", source)),
         rope_theta=rope_theta, rope_scaling=rope_scaling,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        # transformers' Llama ignores a `sliding_window` key; only Mistral applies it.
-        sliding_window=(hf.get("sliding_window") if architecture == "MistralForCausalLM"
-                        else None),
-        param_dtype=_dtype_name(hf.get("dtype", hf.get("torch_dtype")), source) or "float32",
+        query_scale_beta=_query_scale_beta(text, family, rope_scaling, source),
+        qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
+        norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=tie_embeddings,
+        sliding_window=_sliding_window(text, family, n_layers, source),
+        param_dtype=_configured_dtype(hf, source) or "float32",
         **optional,
     )
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
-    if cfg.rope_scaling is None:
-        return {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    return {"rope_type": "llama3", "rope_theta": float(cfg.rope_theta),
-            **dict(zip(_LLAMA3_KEYS, cfg.rope_scaling, strict=True))}
+def default_architecture(cfg: ModelConfig) -> str:
+    """The text family that expresses `cfg`: Qwen3 for q/k norms, Qwen2 for q/k/v biases,
+    Ministral 3 for YaRN or the query scale, else Mistral."""
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM"
+    if cfg.query_scale_beta is not None or isinstance(cfg.rope_scaling, YarnRopeScaling):
+        return "Ministral3ForCausalLM"
+    return "MistralForCausalLM"
 
 
-def config_to_hf(cfg: ModelConfig, architecture: str = "MistralForCausalLM") -> dict[str, Any]:
-    """The `config.json` dict transformers needs to rebuild `cfg` (readable by 4.x and 5.x)."""
-    _architecture({"architectures": [architecture]}, "config_to_hf")
-    if architecture == "LlamaForCausalLM" and cfg.sliding_window is not None:
-        raise ValueError(f"sliding_window={cfg.sliding_window} cannot be expressed as "
-                         "LlamaForCausalLM; save with architecture='MistralForCausalLM'")
+def _check_expressible(cfg: ModelConfig, family: _Family) -> None:
+    """Refuse to write `cfg` as a family whose transformers model would compute otherwise."""
+    problems = []
+    if cfg.sliding_window is not None and family.window == "ignored":
+        problems.append(f"sliding_window={cfg.sliding_window} (Llama has none)")
+    for flag in ("qkv_bias", "qk_norm"):
+        if getattr(cfg, flag) != getattr(family, flag):
+            problems.append(f"{flag}={getattr(cfg, flag)} ({family.architecture} "
+                            f"{'always has' if getattr(family, flag) else 'has no'} {flag})")
+    if cfg.query_scale_beta is not None and not family.query_scale:
+        problems.append(f"query_scale_beta={cfg.query_scale_beta} (only Ministral3ForCausalLM "
+                        "applies it)")
+    if family.query_scale and cfg.rope_scaling is None:
+        problems.append("rope_scaling=None (Ministral3ForCausalLM reads the query scale's "
+                        "original_max_position_embeddings from a RoPE scaling)")
+    if problems:
+        raise ValueError(f"cannot write this config as {family.architecture}: "
+                         + "; ".join(problems) + f". Use architecture="
+                         f"{default_architecture(cfg)!r} (or None: chosen from the config)")
+
+
+def _rope_parameters(cfg: ModelConfig, family: _Family) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_scaling is not None:
+        scaling = {k: v for k, v in cfg.rope_scaling.to_dict().items() if v is not None}
+        params.update(scaling, rope_theta=float(cfg.rope_theta))
+    if family.query_scale:
+        params["llama_4_scaling_beta"] = float(cfg.query_scale_beta or 0.0)
+    return params
+
+
+def _window_keys(cfg: ModelConfig, family: _Family) -> dict[str, Any]:
+    if family.window == "key":
+        return {"sliding_window": cfg.sliding_window}
+    if family.window == "ignored":
+        return {}
+    windowed = cfg.sliding_window is not None
+    return {"use_sliding_window": windowed, "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if windowed else cfg.n_layers,
+            "layer_types": [("sliding" if windowed else "full") + "_attention"] * cfg.n_layers}
+
+
+def config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dict[str, Any]:
+    """The `config.json` dict transformers needs to rebuild `cfg` (readable by 4.x and 5.x for
+    Llama/Mistral/Qwen2; Ministral 3 and Qwen3 need a transformers that has them).
+    `architecture` None: `default_architecture(cfg)`."""
+    architecture = architecture or default_architecture(cfg)
+    if architecture not in _FAMILIES:
+        raise ValueError(f"architecture={architecture!r} cannot be written; choose one of "
+                         f"{list(ARCHITECTURES)} (a {WRAPPER} child is saved as its text "
+                         "family)")
+    family = _FAMILIES[architecture]
+    _check_expressible(cfg, family)
     hf: dict[str, Any] = {
         "architectures": [architecture],
-        "model_type": {v: k for k, v in _MODEL_TYPES.items()}[architecture],
+        "model_type": family.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
@@ -278,25 +571,31 @@ def config_to_hf(cfg: ModelConfig, architecture: str = "MistralForCausalLM") -> 
         "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": float(cfg.rope_theta),
-        "rope_parameters": _rope_parameters(cfg),
-        "attention_bias": False,
+        "rope_parameters": _rope_parameters(cfg, family),
         "attention_dropout": 0.0,
         "dtype": cfg.param_dtype,
         "torch_dtype": cfg.param_dtype,
+        **_window_keys(cfg, family),
     }
     if cfg.rope_scaling is not None:  # what transformers 4.x reads
         hf["rope_scaling"] = hf["rope_parameters"]
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        hf["attention_bias"] = False
     if architecture == "LlamaForCausalLM":
         hf["mlp_bias"] = False
-    else:
-        hf["sliding_window"] = cfg.sliding_window
     return hf
 
 
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:
-    """The `ModelConfig` of an HF directory, without touching its weights."""
-    hf, source = _read_config(Path(path))
-    return config_from_hf(hf, source=source)
+    """The `ModelConfig` of an HF directory, without reading its weights (a Mistral 3
+    wrapper's tensor names are listed, for its tying)."""
+    path = Path(path)
+    hf, source = _read_config(path)
+    if _architecture(hf, source) != WRAPPER:
+        return config_from_hf(hf, source=source)
+    with contextlib.ExitStack() as stack:
+        ckpt = _Checkpoint(path, stack, wrapper=True, fp8=_fp8_scheme(hf, source))
+        return config_from_hf(hf, source=source, tie_embeddings=_HEAD not in ckpt.where)
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -310,27 +609,115 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
 # ----------------------------------------------------------------------------- reading
 
 
-class _Checkpoint:
-    """The safetensors file(s) of one directory, open for slice reads; tensor name → file."""
+# Where a Mistral 3 wrapper keeps its text model, (decoder prefix, LM head name): as
+# transformers >= 5 writes it, and as older writers did (Mistral Small 3.1's release).
+_WRAPPER_LAYOUTS = (("model.language_model.", "lm_head.weight"),
+                    ("language_model.model.", "language_model.lm_head.weight"))
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
 
-    def __init__(self, path: Path, stack: contextlib.ExitStack):
-        self.path = path
+
+def _canonical_names(stored: list[str], wrapper: bool, source: Path) -> dict[str, str]:
+    """Plain `*ForCausalLM` name → stored name. A wrapper's text tensors are renamed from
+    whichever layout it uses; its vision tensors are left out (never read)."""
+    if not wrapper:
+        return {name: name for name in stored}
+    layouts = [(prefix, head) for prefix, head in _WRAPPER_LAYOUTS
+               if any(name.startswith(prefix) for name in stored)]
+    if len(layouts) != 1:
+        raise ValueError(f"{source}: a {WRAPPER} stores its text model under exactly one of "
+                         f"{[prefix for prefix, _ in _WRAPPER_LAYOUTS]}; found "
+                         f"{[prefix for prefix, _ in layouts] or 'neither'}. Re-download or "
+                         "re-save the checkpoint with transformers")
+    prefix, head = layouts[0]
+    names = {}
+    for name in stored:
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        canonical = _HEAD if name == head else name
+        if name.startswith(prefix):
+            canonical = "model." + name.removeprefix(prefix)
+        names[canonical] = name
+    return names
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(byte offset of the data, header) of a safetensors file: an 8-byte little-endian
+    header length, then the JSON header."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return 8 + length, json.loads(f.read(length))
+
+
+def _map_fp8(file: Path, header: tuple[int, dict[str, Any]], stored: str) -> np.ndarray:
+    """A float8_e4m3fn tensor memory-mapped, not read: safetensors' numpy reader has no float8
+    dtype, and indexing the map reads only the rows a block needs. `header`: the file's
+    `_safetensors_header`."""
+    start, entries = header
+    info = entries[stored]
+    begin, end = info["data_offsets"]
+    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+    return raw.view(ml_dtypes.float8_e4m3fn).reshape(info["shape"])
+
+
+def _scale_grid(shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
+    """The shape of an FP8 weight's scale_inv: one per block (ceil-divided), or one value."""
+    if block is None:
+        return ()
+    return tuple(-(-n // b) for n, b in zip(shape, block, strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fp8Slice:
+    """A safetensors slice look-alike over an FP8 weight [rows, cols]: indexing returns the
+    float32 `fp8 · scale_inv` of just that block (transformers' dequantization)."""
+
+    raw: np.ndarray     # [rows, cols] float8_e4m3fn, memory-mapped
+    scale: np.ndarray   # `_scale_grid` of the weight, float32
+    block: tuple[int, int] | None
+
+    def get_shape(self) -> list[int]:
+        return list(self.raw.shape)
+
+    def get_dtype(self) -> str:
+        return _FP8_DTYPE
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        (r0, r1), (c0, c1) = _ranges(index if isinstance(index, tuple) else (index,),
+                                     self.raw.shape)
+        values = self.raw[r0:r1, c0:c1].astype(np.float32)
+        if self.block is None:
+            return values * self.scale.reshape(())
+        bm, bn = self.block
+        tiles = self.scale[r0 // bm:-(-r1 // bm), c0 // bn:-(-c1 // bn)]
+        per_value = np.repeat(np.repeat(tiles, bm, axis=0), bn, axis=1)
+        return values * per_value[r0 % bm:r0 % bm + r1 - r0, c0 % bn:c0 % bn + c1 - c0]
+
+
+class _Checkpoint:
+    """The safetensors file(s) of one directory, open for slice reads. Tensors are known by
+    their plain `*ForCausalLM` names (`_canonical_names`); `where`: name → file. With `fp8`,
+    each float8 weight's scale_inv is found by name (`scales`) and applied as it is read."""
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack, *, wrapper: bool = False,
+                 fp8: _Fp8 | None = None):
+        self.path, self.fp8 = path, fp8
         index = path / INDEX_FILE
         if index.is_file():
             weight_map = files.read_json(str(index), _WRITER)
             if not isinstance(weight_map, dict) or "weight_map" not in weight_map:
                 raise ValueError(f"{index} has no 'weight_map'; it is damaged: download or "
                                  "export the model again")
-            self.where = {name: path / file for name, file in weight_map["weight_map"].items()}
+            where = {name: path / file for name, file in weight_map["weight_map"].items()}
         elif (path / SINGLE_FILE).is_file():
-            self.where = {}
+            where = {}
         else:
             found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
             raise FileNotFoundError(
                 f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE} (found {found}); convert "
                 f"*.bin/*.pth weights with transformers: from_pretrained(dir)."
                 f"save_pretrained(dir, safe_serialization=True)")
-        shards = sorted(set(self.where.values())) or [path / SINGLE_FILE]
+        shards = sorted(set(where.values())) or [path / SINGLE_FILE]
         self.handles = {}
         for file in shards:
             if not file.is_file():
@@ -338,16 +725,40 @@ class _Checkpoint:
                                         "sharded checkpoint is incomplete, download it again")
             self.handles[file] = stack.enter_context(_safe_open(file))
         keys = {file: set(handle.keys()) for file, handle in self.handles.items()}
-        if not self.where:
+        if not where:
             (file, names), = keys.items()
-            self.where = dict.fromkeys(sorted(names), file)
-        missing_in_file = [n for n, f in self.where.items() if n not in keys[f]]
+            where = dict.fromkeys(sorted(names), file)
+        missing_in_file = [n for n, f in where.items() if n not in keys[f]]
         if missing_in_file:
             raise ValueError(f"{index} maps tensors {missing_in_file[:5]} to files that lack "
                              "them; the index and the shards disagree, download them again")
+        self.stored = _canonical_names(sorted(where), wrapper, path)
+        self.files = {name: where[stored] for name, stored in self.stored.items()}
+        self.where = dict(self.files)  # the tensors to read (FP8 scales apart)
+        self.scales: dict[str, str] = {}  # FP8 weight → its scale_inv
+        self.headers: dict[Path, tuple[int, dict[str, Any]]] = {}  # FP8 files' headers
+        if fp8 is not None:
+            for name in self.files:
+                if name.endswith(_SCALE_SUFFIX):
+                    self.scales[name.removesuffix(_SCALE_SUFFIX)] = name
+                if name.endswith((_SCALE_SUFFIX, *_UNREAD_QUANT_SUFFIXES)):
+                    del self.where[name]
+
+    def meta(self, name: str) -> Any:
+        """The stored tensor's slice, for its shape and dtype (float8 cannot be read here)."""
+        return self.handles[self.files[name]].get_slice(self.stored[name])
 
     def slice(self, name: str) -> Any:
-        return self.handles[self.where[name]].get_slice(name)
+        """Index it to read a block: float tensors as stored, FP8 ones dequantized."""
+        found = self.meta(name)
+        if found.get_dtype() != _FP8_DTYPE:
+            return found
+        scale = np.asarray(self.meta(self.scales[name])[...], np.float32)
+        file = self.files[name]
+        if file not in self.headers:  # parsed once per file, not once per layer and shard
+            self.headers[file] = _safetensors_header(file)
+        raw = _map_fp8(file, self.headers[file], self.stored[name])
+        return _Fp8Slice(raw, scale, self.fp8.block)
 
     def validate(self, cfg: ModelConfig, shapes: Mapping[tuple[str, ...], Any]) -> None:
         """All missing, unexpected, mis-shaped or non-float tensors, in one error."""
@@ -361,31 +772,56 @@ class _Checkpoint:
             problems.append(f"missing tensors {_few(missing)} (looked in "
                             f"{sorted({f.name for f in self.handles})}; the download or export "
                             "is incomplete, or config.json describes a different model)")
-        ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+        ignorable = {_HEAD} if cfg.tie_embeddings else set()
         unexpected = [n for n in self.where if n not in expected and n not in ignorable
                       and not n.endswith(_IGNORABLE_SUFFIXES)]
         if unexpected:
-            problems.append(f"unexpected tensors {_few(unexpected)} (biases or layers beyond "
-                            f"num_hidden_layers={cfg.n_layers}?)")
+            hint = (f"FP8 scales, but {CONFIG_FILE} has no quantization_config 'fp8'"
+                    if any(n.endswith(_SCALE_SUFFIX) for n in unexpected)
+                    else f"biases or layers beyond num_hidden_layers={cfg.n_layers}?")
+            problems.append(f"unexpected tensors {_few(unexpected)} ({hint})")
         for name, shape in expected.items():
             if name not in self.where:
                 continue
-            found = self.slice(name)
+            found = self.meta(name)
             if tuple(found.get_shape()) != shape:
                 problems.append(f"{name} in {self.where[name].name} has shape "
                                 f"{tuple(found.get_shape())}, config.json implies {shape} "
                                 "(config.json and the weights disagree)")
-            if found.get_dtype() not in _FILE_DTYPES:
-                problems.append(f"{name} has dtype {found.get_dtype()}; only float weights "
-                                "are read (dequantize the checkpoint first)")
+            elif found.get_dtype() == _FP8_DTYPE:
+                problems += self._fp8_problems(name, shape)
+            elif found.get_dtype() not in _FILE_DTYPES:
+                problems.append(f"{name} has dtype {found.get_dtype()}; only float and FP8 "
+                                "(float8_e4m3fn) weights are read: dequantize the checkpoint "
+                                "first")
         if problems:
             raise ValueError(f"{self.path} does not match its {CONFIG_FILE}: "
                              + "; ".join(problems) + ". Fix config.json, or re-download / "
                              "re-export the model (hf.save writes both from one ModelConfig).")
 
+    def _fp8_problems(self, name: str, shape: tuple[int, ...]) -> list[str]:
+        """Why an FP8 weight cannot be dequantized, if it cannot (its scale, its shape)."""
+        if self.fp8 is None:
+            return [f"{name} is float8 but {CONFIG_FILE} has no quantization_config with "
+                    "quant_method 'fp8'; re-download config.json"]
+        if len(shape) != 2:
+            return [f"{name} is float8 with shape {shape}; only 2-D (Linear) weights are "
+                    "dequantized"]
+        scale = self.scales.get(name)
+        if scale is None:
+            return [f"{name} is float8 but {name + _SCALE_SUFFIX} is missing; the download is "
+                    "incomplete"]
+        grid = _scale_grid(shape, self.fp8.block)
+        found = tuple(self.meta(scale).get_shape())
+        if math.prod(found) != math.prod(grid) or (grid and found != grid):
+            return [f"{scale} has shape {found}, but weight_block_size="
+                    f"{list(self.fp8.block) if self.fp8.block else None} implies {grid} for "
+                    f"{name} {shape}; fix quantization_config.weight_block_size"]
+        return []
+
     def dtype(self, name: str) -> str:
         """The param dtype a tensor implies (float64 and others read as float32)."""
-        found = _FILE_DTYPES.get(self.slice(name).get_dtype(), "float32")
+        found = _FILE_DTYPES.get(self.meta(name).get_dtype(), "float32")
         return found if found != "float64" else "float32"
 
 
@@ -419,6 +855,10 @@ def _read_block(sl: Any, t: _Tensor, shape: tuple[int, ...],
     touching only the rows/columns that hold it."""
     if t.n_in is None:
         return sl[tuple(slice(a, b) for a, b in ranges)]
+    if t.n_in == 0:  # a bias: every axis of ours flattened into the one HF axis
+        flat, cut = _axis_block(ranges, shape)
+        block = sl[flat].reshape(ranges[0][1] - ranges[0][0], *shape[1:])
+        return block[(slice(None), *cut)]
     in_flat, in_cut = _axis_block(ranges[:t.n_in], shape[:t.n_in])
     out_flat, out_cut = _axis_block(ranges[t.n_in:], shape[t.n_in:])
     block_oi = sl[out_flat, in_flat]
@@ -481,19 +921,23 @@ def _flat_shardings(shardings: Any, shapes: Mapping[str, Any]) -> dict[str, Any]
 
 def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
          shardings: Any = None) -> tuple[ModelConfig, Params]:
-    """Read an HF Llama/Mistral directory into `(cfg, params)`, tensor by tensor.
+    """Read an HF directory (`ARCHITECTURES`, or a Mistral 3 wrapper's text model) into
+    `(cfg, params)`, tensor by tensor.
 
-    `dtype` casts the weights (and `cfg.param_dtype`), e.g. "float32" for parity checks.
-    `shardings`: an optional pytree of `jax.sharding.Sharding` matching the param tree; each
-    device then reads only its own slice. Without it: plain arrays on the default device.
+    `dtype` casts the weights (and `cfg.param_dtype`), e.g. "float32" for parity checks; FP8
+    weights are dequantized to it (default: the config's dtype). `shardings`: an optional
+    pytree of `jax.sharding.Sharding` matching the param tree; each device then reads only its
+    own slice. Without it: plain arrays on the default device. A wrapper is tied exactly when
+    it stores no LM head; its vision tower and projector are not read.
     """
     path = Path(path)
     hf_config, source = _read_config(path)
-    cfg = config_from_hf(hf_config, source=source)
+    wrapper = _architecture(hf_config, source) == WRAPPER
     with contextlib.ExitStack() as stack:
-        ckpt = _Checkpoint(path, stack)
-        configured = _dtype_name(hf_config.get("dtype", hf_config.get("torch_dtype")), source)
-        if configured is None and _TENSORS[0].name() in ckpt.where:
+        ckpt = _Checkpoint(path, stack, wrapper=wrapper, fp8=_fp8_scheme(hf_config, source))
+        cfg = config_from_hf(hf_config, source=source,
+                             tie_embeddings=(_HEAD not in ckpt.where) if wrapper else None)
+        if _configured_dtype(hf_config, source) is None and _TENSORS[0].name() in ckpt.where:
             cfg = cfg.replace(param_dtype=ckpt.dtype(_TENSORS[0].name()))
         if dtype is not None:
             cfg = cfg.replace(param_dtype=_dtype_name(dtype, "load(dtype=...)"))
@@ -586,15 +1030,19 @@ def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
 
 
 def save(cfg: ModelConfig, params: Params, path: str | os.PathLike[str], *,
-         architecture: str = "MistralForCausalLM",
+         architecture: str | None = None,
          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
          extra_config: Mapping[str, Any] | None = None) -> Path:
     """Write `params` as an HF directory that `AutoModelForCausalLM.from_pretrained` reads.
 
-    Weights are stored in `cfg.param_dtype`; one file, or `model-0000k-of-0000n.safetensors`
-    plus an index above `max_shard_bytes`. Written into a temp dir next to `path` and renamed,
-    so a crash never leaves a half-written model. `extra_config` adds config.json keys we don't
-    model (e.g. the parent's `bos_token_id`); returns the directory.
+    `architecture`: one of `ARCHITECTURES` that can express `cfg`, or None for
+    `default_architecture(cfg)` (a Mistral 3 wrapper's child is written as its text model).
+    Weights are stored in `cfg.param_dtype`, never quantized (an FP8 root's child is written
+    in its compute dtype, without quantization_config); one file, or
+    `model-0000k-of-0000n.safetensors` plus an index above `max_shard_bytes`. Written into a
+    temp dir next to `path` and renamed, so a crash never leaves a half-written model.
+    `extra_config` adds config.json keys we don't model (e.g. the parent's `bos_token_id`);
+    returns the directory.
     """
     extra = dict(extra_config or {})
     clash = sorted(set(extra) & _MODELLED_KEYS)

@@ -1,4 +1,4 @@
-"""A Mistral/Llama-family decoder in flax.linen, exposed as pure functions over param pytrees.
+"""A Mistral/Llama/Qwen-family decoder in flax.linen, exposed as pure functions over param pytrees.
 
 Layers are scanned (`nn.scan`): params are stacked with a leading `layers` axis, which keeps
 compile time flat in depth and makes depth pruning a slice of every `[N, ...]` leaf. Every
@@ -17,6 +17,9 @@ Param tree (N-stacked leaves under `layers`):
     layers/attn/wq             [N, D, H, E]  ('layers', 'embed', 'heads', 'head_dim')
     layers/attn/wk, wv         [N, D, K, E]  ('layers', 'embed', 'kv_heads', 'head_dim')
     layers/attn/wo             [N, H, E, D]  ('layers', 'heads', 'head_dim', 'embed')
+    layers/attn/bq             [N, H, E]     ('layers', 'heads', 'head_dim')     (qkv_bias)
+    layers/attn/bk, bv         [N, K, E]     ('layers', 'kv_heads', 'head_dim')  (qkv_bias)
+    layers/attn/q_norm, k_norm [N, E]        ('layers', 'head_dim')              (qk_norm)
     layers/mlp_norm/scale      [N, D]
     layers/mlp/w_gate, w_up    [N, D, F]     ('layers', 'embed', 'mlp')
     layers/mlp/w_down          [N, F, D]     ('layers', 'mlp', 'embed')
@@ -39,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from cascade_jax import chunks, token_ids
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import Llama3RopeScaling, ModelConfig, RopeScaling, YarnRopeScaling
 
 Params = dict[str, Any]
 
@@ -86,37 +89,109 @@ class RMSNorm(nn.Module):
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         scale_D = _param(self, "scale", nn.initializers.ones, (x_BLD.shape[-1],), ("embed",),
                          self.cfg)
-        x32 = x_BLD.astype(jnp.float32)
-        inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return (x32 * inv_rms * scale_D.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+        return rms_normalize(x_BLD, scale_D, self.cfg)
 
 
-def rope_frequencies(head_dim: int, theta: float,
-                     scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
-    """[E/2] float32 inverse frequencies; with `scaling`, Llama 3.1's 'llama3' rule: long
-    wavelengths (beyond original_length / low_freq_factor) slowed by `factor`, short ones
-    (below original_length / high_freq_factor) kept, the band between interpolated."""
+def rms_normalize(x: jax.Array, scale: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x / rms(x) · scale over the last axis, in float32, returned in the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (x32 * inv_rms * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None
+                     ) -> jax.Array:
+    """[E/2] float32 inverse frequencies θ^(-2i/E), rescaled by `scaling` if any."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
-        return inv_freq
-    factor, low_freq_factor, high_freq_factor, original_length = scaling
+    if isinstance(scaling, Llama3RopeScaling):
+        return _llama3_frequencies(inv_freq, scaling)
+    if isinstance(scaling, YarnRopeScaling):
+        return _yarn_frequencies(inv_freq, head_dim, theta, scaling)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: jax.Array, scaling: Llama3RopeScaling) -> jax.Array:
+    """Llama 3.1: long wavelengths (beyond original_length / low_freq_factor) slowed by
+    `factor`, short ones (below original_length / high_freq_factor) kept, the band between
+    interpolated."""
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    original_length = scaling.original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > original_length / low_freq_factor, inv_freq / factor, inv_freq)
-    smooth = ((original_length / wavelen - low_freq_factor)
-              / (high_freq_factor - low_freq_factor))
+    scaled = jnp.where(wavelen > original_length / low, inv_freq / factor, inv_freq)
+    smooth = (original_length / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ((wavelen >= original_length / high_freq_factor)
-              & (wavelen <= original_length / low_freq_factor))
+    medium = (wavelen >= original_length / high) & (wavelen <= original_length / low)
     return jnp.where(medium, smoothed, scaled)
 
 
+def _yarn_ramp_bounds(head_dim: int, theta: float, scaling: YarnRopeScaling
+                      ) -> tuple[float, float]:
+    """YaRN's ramp ends (arXiv 2309.00071, "NTK-by-parts"): the frequency indices whose
+    wavelength turns beta_fast resp. beta_slow times over the original context, clipped to
+    [0, E - 1] (rounded outward when `truncate`)."""
+
+    def index_of(rotations: float) -> float:
+        length = scaling.original_max_position_embeddings
+        return (head_dim * math.log(length / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = index_of(scaling.beta_fast), index_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, head_dim - 1)
+
+
+def _yarn_frequencies(inv_freq: jax.Array, head_dim: int, theta: float,
+                      scaling: YarnRopeScaling) -> jax.Array:
+    """YaRN's "NTK-by-parts": frequency i interpolated (divided by `factor`) by the weight of a
+    linear ramp from 0 at `low` to 1 at `high`, extrapolated (kept) by the rest."""
+    low, high = _yarn_ramp_bounds(head_dim, theta, scaling)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_scale(scaling: RopeScaling | None) -> float:
+    """What cos and sin are multiplied by: YaRN's attention scale, else 1."""
+    return scaling.attention_scale if isinstance(scaling, YarnRopeScaling) else 1.0
+
+
 def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float,
-                scaling: tuple[float, float, float, int] | None = None
-                ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of the rotary angles, [B, L, E/2] in float32, computed once per forward."""
+                scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of the rotary angles, [B, L, E/2] in float32, computed once per forward (times
+    YaRN's attention scale, as transformers does: q and k both carry it)."""
     inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles_BLE2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles_BLE2), jnp.sin(angles_BLE2)
+    scale = rope_attention_scale(scaling)
+    return jnp.cos(angles_BLE2) * scale, jnp.sin(angles_BLE2) * scale
+
+
+def query_scale(positions_BL: jax.Array, beta: float, original_length: int) -> jax.Array:
+    """[B, L] float32 Ministral 3 query scale 1 + β·log(1 + floor(position / original_length))
+    (arXiv 2601.08584; transformers' `get_llama_4_attn_scale`). The floor is an integer
+    division, exact at any position."""
+    periods_BL = (positions_BL // original_length).astype(jnp.float32)
+    return 1.0 + beta * jnp.log1p(periods_BL)
+
+
+class PositionTables(NamedTuple):
+    """What attention needs from the token positions, computed once per forward and shared by
+    every layer: RoPE cos/sin [B, L, E/2] and Ministral 3's query scale [B, L] (None: off)."""
+
+    cos_BLE2: jax.Array
+    sin_BLE2: jax.Array
+    query_scale_BL: jax.Array | None
+
+
+def position_tables(cfg: ModelConfig, positions_BL: jax.Array) -> PositionTables:
+    """`PositionTables` for `positions_BL` (each token's position within its own segment)."""
+    cos_BLE2, sin_BLE2 = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta,
+                                     cfg.rope_scaling)
+    scale_BL = None
+    if cfg.query_scale_beta is not None:
+        scale_BL = query_scale(positions_BL, cfg.query_scale_beta,
+                               cfg.rope_scaling.original_max_position_embeddings)
+    return PositionTables(cos_BLE2, sin_BLE2, scale_BL)
 
 
 def apply_rope(x_BLHE: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array) -> jax.Array:
@@ -180,41 +255,80 @@ def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
     return chunks.merge(jax.lax.map(block, (q_nBCKGE, mask_nBCM)), length)
 
 
+def _attention_params(module: nn.Module, cfg: ModelConfig) -> Params:
+    """Declare the attention params `cfg` has (module docstring) and return them by name."""
+    d, h, k, e = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    in_init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    specs = {
+        "wq": (in_init, (d, h, e), ("embed", "heads", "head_dim")),
+        "wk": (in_init, (d, k, e), ("embed", "kv_heads", "head_dim")),
+        "wv": (in_init, (d, k, e), ("embed", "kv_heads", "head_dim")),
+        "wo": (out_init, (h, e, d), ("heads", "head_dim", "embed")),
+    }
+    if cfg.qkv_bias:
+        zeros = nn.initializers.zeros
+        specs["bq"] = (zeros, (h, e), ("heads", "head_dim"))
+        specs["bk"] = (zeros, (k, e), ("kv_heads", "head_dim"))
+        specs["bv"] = (zeros, (k, e), ("kv_heads", "head_dim"))
+    if cfg.qk_norm:
+        specs["q_norm"] = (nn.initializers.ones, (e,), ("head_dim",))
+        specs["k_norm"] = (nn.initializers.ones, (e,), ("head_dim",))
+    return {name: _param(module, name, init, shape, axes, cfg)
+            for name, (init, shape, axes) in specs.items()}
+
+
+def _project_qkv(cfg: ModelConfig, w: Params, x_BLD: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, L, H, E], k and v [B, L, K, E] before RoPE: projections, plus the biases (Qwen2)
+    and the per-head q/k RMSNorm (Qwen3) when `cfg` has them."""
+    dt = cfg.compute_dtype
+    q_BLHE, k_BLKE, v_BLKE = (_dense(x_BLD, w[name].astype(dt)) for name in ("wq", "wk", "wv"))
+    if cfg.qkv_bias:
+        q_BLHE, k_BLKE, v_BLKE = (y + w[name].astype(dt) for y, name in
+                                  ((q_BLHE, "bq"), (k_BLKE, "bk"), (v_BLKE, "bv")))
+    if cfg.qk_norm:
+        q_BLHE = rms_normalize(q_BLHE, w["q_norm"], cfg)
+        k_BLKE = rms_normalize(k_BLKE, w["k_norm"], cfg)
+    return q_BLHE, k_BLKE, v_BLKE
+
+
+def _position_qk(q_BLHE: jax.Array, k_BLKE: jax.Array, tables: PositionTables
+                 ) -> tuple[jax.Array, jax.Array]:
+    """RoPE on q and k, then Ministral 3's query scale on q (transformers' order)."""
+    q_BLHE = apply_rope(q_BLHE, tables.cos_BLE2, tables.sin_BLE2)
+    k_BLKE = apply_rope(k_BLKE, tables.cos_BLE2, tables.sin_BLE2)
+    if tables.query_scale_BL is not None:
+        q_BLHE = q_BLHE * tables.query_scale_BL[:, :, None, None].astype(q_BLHE.dtype)
+    return q_BLHE, k_BLKE
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention; softmax in float32."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array,
-                 mask_BLM: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, tables: PositionTables, mask_BLM: jax.Array
+                 ) -> jax.Array:
         cfg = self.cfg
-        d, h, k, e = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        in_init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-        out_init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-        wq_DHE = _param(self, "wq", in_init, (d, h, e), ("embed", "heads", "head_dim"), cfg)
-        wk_DKE = _param(self, "wk", in_init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
-        wv_DKE = _param(self, "wv", in_init, (d, k, e), ("embed", "kv_heads", "head_dim"), cfg)
-        wo_HED = _param(self, "wo", out_init, (h, e, d), ("heads", "head_dim", "embed"), cfg)
-        q_BLKGE, k_BMKE, v_BMKE = _project_qkv(
-            cfg, {"wq": wq_DHE, "wk": wk_DKE, "wv": wv_DKE}, x_BLD, cos_BLE2, sin_BLE2)
+        w = _attention_params(self, cfg)
+        q_BLKGE, k_BMKE, v_BMKE = _queries_keys_values(cfg, w, x_BLD, tables)
         heads_BLHE = _attend_heads(cfg, q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
         self.sow("intermediates", "attn_heads", heads_BLHE)
-        return _project_out(cfg, wo_HED, heads_BLHE)
+        return _project_out(cfg, w["wo"], heads_BLHE)
 
 
-def _project_qkv(cfg: ModelConfig, attn: Params, x_BLD: jax.Array, cos_BLE2: jax.Array,
-                 sin_BLE2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _queries_keys_values(cfg: ModelConfig, w: Params, x_BLD: jax.Array,
+                         tables: PositionTables) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(q [B, L, K, G, E], k [B, L, K, E], v [B, L, K, E]) from one layer's attention params.
 
     Shared by `Attention` and the cached decode (`prefill` / `decode_step`): every transform
-    of queries and keys (projection, RoPE, and any bias or q/k norm added later) belongs here,
-    so the KV cache always holds exactly the keys the full forward computes.
+    of queries and keys (projection, biases, q/k norm, RoPE, the query scale) happens here, so
+    the KV cache always holds exactly the keys the full forward computes.
     """
-    dt = cfg.compute_dtype
-    q_BLHE = apply_rope(_dense(x_BLD, attn["wq"].astype(dt)), cos_BLE2, sin_BLE2)
-    k_BLKE = apply_rope(_dense(x_BLD, attn["wk"].astype(dt)), cos_BLE2, sin_BLE2)
-    v_BLKE = _dense(x_BLD, attn["wv"].astype(dt))
+    q_BLHE, k_BLKE, v_BLKE = _project_qkv(cfg, w, x_BLD)
+    q_BLHE, k_BLKE = _position_qk(q_BLHE, k_BLKE, tables)
     batch, length = x_BLD.shape[:2]
     q_BLKGE = q_BLHE.reshape(batch, length, cfg.n_kv_heads, cfg.n_groups, cfg.head_dim)
     return q_BLKGE, k_BLKE, v_BLKE
@@ -274,13 +388,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array,
-                 mask_BLM: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x_BLD: jax.Array, tables: PositionTables, mask_BLM: jax.Array
+                 ) -> tuple[jax.Array, None]:
         x_BLD = constrain_residual(x_BLD)
         self.sow("intermediates", "block_in", x_BLD)
         h_BLD = RMSNorm(self.cfg, name="attn_norm")(x_BLD)
         self.sow("intermediates", "attn_norm_out", h_BLD)
-        x_BLD = x_BLD + Attention(self.cfg, name="attn")(h_BLD, cos_BLE2, sin_BLE2, mask_BLM)
+        x_BLD = x_BLD + Attention(self.cfg, name="attn")(h_BLD, tables, mask_BLM)
         self.sow("intermediates", "mlp_in", x_BLD)
         h_BLD = RMSNorm(self.cfg, name="mlp_norm")(x_BLD)
         self.sow("intermediates", "mlp_norm_out", h_BLD)
@@ -319,7 +433,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
             unroll=cfg.n_layers if cfg.scan_unroll else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -341,11 +455,10 @@ class Decoder(nn.Module):
             segment_ids_BL = jnp.ones_like(tokens_BL)
         if positions_BL is None:
             positions_BL = positions_from_segments(segment_ids_BL)
-        cos_BLE2, sin_BLE2 = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta,
-                                         cfg.rope_scaling)
+        tables = position_tables(cfg, positions_BL)
         mask_BLM = attention_mask(segment_ids_BL, cfg.sliding_window)
         x_BLD = self.embed(tokens_BL)
-        x_BLD, _ = self.layers(x_BLD, cos_BLE2, sin_BLE2, mask_BLM)
+        x_BLD, _ = self.layers(x_BLD, tables, mask_BLM)
         x_BLD = self.final_norm(x_BLD)
         return self.unembed(x_BLD) if logits else x_BLD
 
@@ -531,8 +644,7 @@ def _extend(cfg: ModelConfig, params: Params, cache: KVCache, tokens_BL: jax.Arr
     length = tokens_BL.shape[1]
     slots_L = cache.end + jnp.arange(length, dtype=jnp.int32)
     positions_BL = jnp.maximum(slots_L[None, :] - cache.start_B[:, None], 0)
-    cos_BLE2, sin_BLE2 = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta,
-                                     cfg.rope_scaling)
+    tables = position_tables(cfg, positions_BL)
     mask_BLM = cache_mask(cache.start_B, slots_L, cache.k_NBMKE.shape[2], cfg.sliding_window)
     decoder = Decoder(cfg)
     x_BLD = decoder.apply({"params": params}, tokens_BL, method=_embed)
@@ -540,7 +652,7 @@ def _extend(cfg: ModelConfig, params: Params, cache: KVCache, tokens_BL: jax.Arr
     def layer(carry: tuple[jax.Array, jax.Array, jax.Array], inputs: tuple[Params, jax.Array]
               ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
         layer_params, index = inputs
-        return _cached_block(cfg, layer_params, index, cache.end, *carry, cos_BLE2, sin_BLE2,
+        return _cached_block(cfg, layer_params, index, cache.end, *carry, tables,
                              mask_BLM), None
 
     # The whole cache rides in the carry and each layer updates its slice in place: as scan
@@ -557,13 +669,13 @@ def _extend(cfg: ModelConfig, params: Params, cache: KVCache, tokens_BL: jax.Arr
 
 def _cached_block(cfg: ModelConfig, layer: Params, index: jax.Array, end: jax.Array,
                   x_BLD: jax.Array, k_NBMKE: jax.Array, v_NBMKE: jax.Array,
-                  cos_BLE2: jax.Array, sin_BLE2: jax.Array, mask_BLM: jax.Array
+                  tables: PositionTables, mask_BLM: jax.Array
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`Block` on layer `index` for tokens at slots [end, end + L): their keys and values are
     written into that layer's cache first, then they attend over all of it."""
     x_BLD = constrain_residual(x_BLD)
     h_BLD = RMSNorm(cfg).apply({"params": layer["attn_norm"]}, x_BLD)
-    q_BLKGE, k_BLKE, v_BLKE = _project_qkv(cfg, layer["attn"], h_BLD, cos_BLE2, sin_BLE2)
+    q_BLKGE, k_BLKE, v_BLKE = _queries_keys_values(cfg, layer["attn"], h_BLD, tables)
     at = (index, 0, end, 0, 0)
     k_NBMKE = jax.lax.dynamic_update_slice(k_NBMKE, k_BLKE[None].astype(k_NBMKE.dtype), at)
     v_NBMKE = jax.lax.dynamic_update_slice(v_NBMKE, v_BLKE[None].astype(v_NBMKE.dtype), at)

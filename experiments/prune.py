@@ -197,16 +197,15 @@ def _hf_config(hf_in: str) -> dict[str, Any]:
 
 
 def architecture(hf_in: str) -> str:
-    """The parent's architecture name, so the child loads as the same class."""
-    config = _hf_config(hf_in)
-    names = config.get("architectures") or []
-    if names and names[0] in hf.ARCHITECTURES:
-        return names[0]
-    return "LlamaForCausalLM" if config.get("model_type") == "llama" else "MistralForCausalLM"
+    """The parent's architecture name, so the child loads as the same class (a Mistral 3
+    wrapper's child as its text model's class)."""
+    return hf.text_architecture(_hf_config(hf_in),
+                                source=os.path.join(hf_in, hf.CONFIG_FILE))
 
 
 def carried_config(hf_in: str) -> dict[str, Any]:
     config = _hf_config(hf_in)
+    config = {**config, **(config.get("text_config") or {})}  # a Mistral 3 wrapper's are there
     return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
 
 

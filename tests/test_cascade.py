@@ -346,3 +346,20 @@ def test_a_toy_objective_runs_as_a_stage_without_touching_cascade(reference, cor
     meta = checkpoint.read_metadata(str(stage_dir / "checkpoints"))
     assert meta["toy_scale"] == 0.5 and meta["objective"] == "toy_scaled_ce"
     assert "toy" not in pathlib.Path(cascade.__file__).read_text()
+
+
+def test_runtime_settings_compare_rope_scaling_as_the_choice_it_becomes(caplog):
+    """A config's Llama 3.1 4-tuple equals the files' tagged 'llama3' scaling (no warning);
+    a different scaling is reported."""
+    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
+                      head_dim=4, d_ff=8, rope_scaling=(8.0, 1.0, 4.0, 8192))
+    root = runconfig.RootConfig(kind="hf", path="hf_dir", model=dict(
+        rope_scaling=(8.0, 1.0, 4.0, 8192), dtype="bfloat16"))
+    with caplog.at_level("WARNING"):
+        assert cascade.with_runtime_settings(cfg, root).dtype == "bfloat16"
+    assert "disagrees" not in caplog.text
+    root = runconfig.RootConfig(kind="hf", path="hf_dir", model=dict(rope_scaling=dict(
+        rope_type="yarn", factor=2.0, original_max_position_embeddings=8)))
+    with caplog.at_level("WARNING"):
+        assert cascade.with_runtime_settings(cfg, root).rope_scaling == cfg.rope_scaling
+    assert "disagrees" in caplog.text and "rope_scaling" in caplog.text

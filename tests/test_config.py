@@ -2,7 +2,7 @@
 
 import pytest
 
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import Llama3RopeScaling, ModelConfig, YarnRopeScaling
 
 BASE = dict(vocab_size=128, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
             d_ff=96)
@@ -48,14 +48,39 @@ def test_num_params_matches_formula_by_hand():
     assert cfg.replace(tie_embeddings=True).num_params() == n * per_layer + v * d + d
 
 
-def test_rope_scaling_is_validated_and_survives_json():
+def test_rope_scaling_is_a_tagged_choice_that_survives_json():
     import json
 
-    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
-                      head_dim=4, d_ff=8, rope_scaling=(8.0, 1.0, 4.0, 8192))
-    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again == cfg and again.rope_scaling == (8.0, 1.0, 4.0, 8192)
-    hash(again)  # a jit static argument
-    for bad in ((8.0, 4.0, 1.0, 8192), (8.0, 1.0, 4.0), (8.0, 1.0, 4.0, 81.5)):
-        with pytest.raises(ValueError, match=r"rope_scaling=.* must be \(factor, low_freq"):
-            cfg.replace(rope_scaling=bad)
+    base = dict(vocab_size=16, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=8)
+    llama3 = ModelConfig(**base, rope_scaling=(8.0, 1.0, 4.0, 8192))  # the old 4-tuple reads
+    assert llama3.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+    yarn = ModelConfig(**base, rope_scaling=YarnRopeScaling(
+        16.0, 16384, mscale=1.0, mscale_all_dim=1.0), query_scale_beta=0.1)
+    for cfg in (llama3, yarn):
+        stored = json.loads(json.dumps(cfg.to_dict()))
+        assert stored["rope_scaling"]["rope_type"] == cfg.rope_scaling.rope_type
+        again = ModelConfig.from_dict(stored)
+        assert again == cfg
+        hash(again)  # a jit static argument
+    # Checkpoint metadata written before YaRN: no new fields, the 4-tuple as a JSON list.
+    old = {k: v for k, v in llama3.to_dict().items()
+           if k not in ("query_scale_beta", "qkv_bias", "qk_norm")}
+    assert ModelConfig.from_dict({**old, "rope_scaling": [8.0, 1.0, 4.0, 8192]}) == llama3
+    for bad, match in (((8.0, 4.0, 1.0, 8192), "0 < low_freq_factor < high_freq_factor"),
+                       ((8.0, 1.0, 4.0), "4-tuple"),
+                       ((8.0, 1.0, 4.0, 81.5), "positive integer"),
+                       ({"rope_type": "dynamic", "factor": 2.0}, "choose one of"),
+                       ({"rope_type": "yarn", "factor": 4.0}, "missing .'original_max"),
+                       ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+                         8, "beta_fast": 1.0, "beta_slow": 32.0}, "beta_fast > beta_slow")):
+        with pytest.raises(ValueError, match=match):
+            llama3.replace(rope_scaling=bad)
+    with pytest.raises(ValueError, match=r"query_scale_beta=0\.1 needs rope_scaling"):
+        llama3.replace(rope_scaling=None, query_scale_beta=0.1)
+
+
+def test_num_params_counts_qwen_biases_and_qk_norms():
+    cfg = ModelConfig(**BASE)
+    e, h, k, n = 16, 4, 2, 2
+    assert cfg.replace(qkv_bias=True).num_params() == cfg.num_params() + n * e * (h + 2 * k)
+    assert cfg.replace(qk_norm=True).num_params() == cfg.num_params() + n * 2 * e

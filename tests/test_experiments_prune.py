@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import TOL, randomize, rel_err
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from cascade_jax import data, hf, model, prune
 from experiments import prune as prune_main
 
-TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past", "every",
          "house", "near", "old", "trees", "and", "rivers", "flow", "under", "bridges", "where",
@@ -28,20 +28,6 @@ PARENT = dict(vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention
               max_position_embeddings=64, rope_theta=1e6, sliding_window=None,
               tie_word_embeddings=False, attn_implementation="eager")
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}  # the 8 test devices: a sharded load and pass
-
-
-def _randomize(hf_model: torch.nn.Module) -> None:
-    """Random norms (not all ones) and 1/sqrt(fan_in) linears, so pruning choices matter."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.3 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +44,11 @@ def parent(tmp_path_factory):
                                      vocab_size=300)
     torch.manual_seed(0)
     hf_model = MistralForCausalLM(MistralConfig(**PARENT)).eval()
-    _randomize(hf_model)
+    randomize(hf_model, seed=0)
     directory = root / "parent"
     hf_model.save_pretrained(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory, str(text_dir / "*.txt")
-
-
-def rel_err(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
 
 
 RECIPES = {  # name -> (target, methods, mesh)
@@ -162,3 +143,14 @@ def test_cli_reports_a_bad_target(parent, tmp_path):
     assert done.returncode != 0
     assert "Target n_layers=9 exceeds the parent's n_layers=4" in done.stderr
     assert not (tmp_path / "child").exists()
+
+
+def test_a_wrapper_parent_gives_its_text_family_and_token_ids(tmp_path):
+    """A Mistral 3 wrapper's child is written as its text model, with the text model's ids."""
+    wrapper = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+               "text_config": {"model_type": "ministral3", "bos_token_id": 1, "eos_token_id": 2,
+                               "pad_token_id": 11}}
+    (tmp_path / hf.CONFIG_FILE).write_text(json.dumps(wrapper))
+    assert prune_main.architecture(str(tmp_path)) == "Ministral3ForCausalLM"
+    assert prune_main.carried_config(str(tmp_path)) == {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11}

@@ -7,6 +7,7 @@ float32, eager attention; it must be ≤ 1e-4. Checked after import (HF → ours
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,111 +18,125 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import TOL, hf_logits, random_tokens, randomize, rel_err
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Ministral3Config,
+    Ministral3ForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
-from cascade_jax import hf, model
-from cascade_jax.config import ModelConfig
+from cascade_jax import hf, model, prune
+from cascade_jax.config import Llama3RopeScaling, ModelConfig, YarnRopeScaling
 
-TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
 _COMMON = dict(vocab_size=128, num_hidden_layers=2, intermediate_size=96, rms_norm_eps=1e-5,
                max_position_embeddings=64, attn_implementation="eager")
+# name: (transformers config class, model class, config kwargs, the ModelConfig fields that
+# load must read from it).
 CASES = {
     # GQA, head_dim 16 != 48 / 4, untied, and a sliding window shorter than the sequence.
     "mistral_gqa_untied": (MistralConfig, MistralForCausalLM, dict(
         hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        tie_word_embeddings=False, rope_theta=1e6, sliding_window=6)),
+        tie_word_embeddings=False, rope_theta=1e6, sliding_window=6),
+        dict(rope_theta=1e6, sliding_window=6, tie_embeddings=False)),
     # Tied embeddings, Llama 3's rope_theta, 4 query heads per KV head.
     "llama_tied_theta500k": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=48, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-        tie_word_embeddings=True, rope_theta=500000.0)),
+        tie_word_embeddings=True, rope_theta=500000.0),
+        dict(rope_theta=500000.0, tie_embeddings=True)),
     # Llama 3.1's 'llama3' RoPE scaling, with an original length short enough (16) that the
     # scaled, smoothed and kept frequency bands all occur in head_dim 16.
     "llama31_rope_scaling": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         tie_word_embeddings=False, rope_theta=500000.0, rope_parameters=dict(
             rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=16))),
+            high_freq_factor=4.0, original_max_position_embeddings=16)),
+        dict(rope_theta=500000.0, rope_scaling=Llama3RopeScaling(8.0, 1.0, 4.0, 16))),
     # Plain multi-head attention (n_kv_heads == n_heads), default head_dim.
     "llama_mha": (LlamaConfig, LlamaForCausalLM, dict(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-        tie_word_embeddings=False, rope_theta=10000.0)),
+        tie_word_embeddings=False, rope_theta=10000.0),
+        dict(rope_theta=10000.0, head_dim=16)),
+    # Ministral 3: YaRN and the query scale with an original length of 8, so both act inside
+    # 12 tokens; betas chosen so the ramp lies inside head_dim 16 (both bands occur), and
+    # mscale != mscale_all_dim so the attention scale is not 1.
+    "ministral3_yarn": (Ministral3Config, Ministral3ForCausalLM, dict(
+        hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        tie_word_embeddings=False, max_position_embeddings=32, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8,
+            beta_fast=2.0, beta_slow=0.02, mscale=1.0, mscale_all_dim=0.5,
+            llama_4_scaling_beta=0.4)),
+        dict(rope_theta=10000.0, query_scale_beta=0.4, rope_scaling=YarnRopeScaling(
+            4.0, 8, beta_fast=2.0, beta_slow=0.02, mscale=1.0, mscale_all_dim=0.5))),
+    # Qwen2/2.5: q/k/v biases, tied (the small Qwen2.5 models are), head_dim = 48 / 4.
+    "qwen2_bias_tied": (Qwen2Config, Qwen2ForCausalLM, dict(
+        hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True, rope_theta=1e6),
+        dict(rope_theta=1e6, qkv_bias=True, head_dim=12, tie_embeddings=True)),
+    # Qwen3: per-head q/k RMSNorm, head_dim 16 != 48 / 4, and YaRN without truncation and with
+    # an explicit attention factor (Qwen3's long-context setting, with a short original).
+    "qwen3_qk_norm_yarn": (Qwen3Config, Qwen3ForCausalLM, dict(
+        hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        tie_word_embeddings=False, max_position_embeddings=16, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=8,
+            beta_fast=4.0, beta_slow=0.05, truncate=False, attention_factor=1.3)),
+        dict(qk_norm=True, rope_scaling=YarnRopeScaling(
+            2.0, 8, beta_fast=4.0, beta_slow=0.05, truncate=False, attention_factor=1.3))),
 }
-
-
-def rel_err(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-
-
-def _randomize(hf_model: torch.nn.Module, seed: int) -> None:
-    """Every weight random, norm scales included (they init to 1, which would hide a swapped
-    norm). Linears get std 1/sqrt(fan_in), so attention is far from uniform and a RoPE or
-    mask bug shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.3 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
-
-
-def _hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return hf_model(torch.from_numpy(tokens).long()).logits.float().numpy()
-
-
-def _tokens(seed: int, shape=(2, 12), vocab: int = 128) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def reference(request, tmp_path_factory):
     """(case name, random-weight HF model, its save_pretrained directory)."""
-    config_cls, model_cls, kwargs = CASES[request.param]
+    config_cls, model_cls, kwargs, _ = CASES[request.param]
     torch.manual_seed(0)
-    hf_model = model_cls(config_cls(**_COMMON, **kwargs)).eval()
-    _randomize(hf_model, seed=len(request.param))
+    hf_model = model_cls(config_cls(**{**_COMMON, **kwargs})).eval()
+    randomize(hf_model, seed=len(request.param))
     directory = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(directory)
     return request.param, hf_model, directory
+
+
+def _without(cfg: ModelConfig) -> list[ModelConfig]:
+    """`cfg` with each of its RoPE scaling and query scale removed: what the case's parity must
+    depend on (else the short sequences would not exercise them)."""
+    out = []
+    if cfg.query_scale_beta is not None:
+        out.append(cfg.replace(query_scale_beta=None))
+    if cfg.rope_scaling is not None:
+        out.append(cfg.replace(rope_scaling=None, query_scale_beta=None))
+    return out
 
 
 def test_import_matches_transformers(reference):
     name, hf_model, directory = reference
     cfg, params = hf.load(directory)
     hf_cfg = hf_model.config
-    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (
-        hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads, hf_cfg.head_dim)
+    assert (cfg.n_heads, cfg.n_kv_heads) == (
+        hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads)
+    expected = {"sliding_window": None, "rope_scaling": None, "query_scale_beta": None,
+                "qkv_bias": False, "qk_norm": False, "head_dim": 16, **CASES[name][3]}
+    assert {k: getattr(cfg, k) for k in expected} == expected
     assert cfg.tie_embeddings == hf_cfg.tie_word_embeddings
-    assert cfg.rope_theta == CASES[name][2]["rope_theta"]
-    assert cfg.sliding_window == CASES[name][2].get("sliding_window")
     assert ("lm_head" in params) != cfg.tie_embeddings
     assert jax.tree.structure(params) == jax.tree.structure(model.param_shapes(cfg))
-    tokens = _tokens(1)
-    err = rel_err(model.forward(cfg, params, jnp.asarray(tokens)), _hf_logits(hf_model, tokens))
+    tokens = random_tokens(1)
+    theirs = hf_logits(hf_model, tokens)
+    err = rel_err(model.forward(cfg, params, jnp.asarray(tokens)), theirs)
     print(f"\n[{name}] import max relative error {err:.2e}")
     assert err <= TOL
-    rope = CASES[name][2].get("rope_parameters", {})
-    if rope.get("rope_type") == "llama3":
-        assert cfg.rope_scaling == (8.0, 1.0, 4.0, 16)
-        plain = cfg.replace(rope_scaling=None)  # the scaling matters at these shapes
-        assert rel_err(model.forward(plain, params, jnp.asarray(tokens)),
-                       _hf_logits(hf_model, tokens)) > 100 * TOL
-    else:
-        assert cfg.rope_scaling is None
+    for ablated in _without(cfg):
+        assert rel_err(model.forward(ablated, params, jnp.asarray(tokens)), theirs) > 100 * TOL
 
 
 def test_export_matches_transformers(reference, tmp_path):
@@ -140,24 +155,46 @@ def test_export_matches_transformers(reference, tmp_path):
     assert sorted(again) == sorted(original)
     for key, tensor in original.items():
         assert torch.equal(again[key], tensor), key
-    tokens = _tokens(2)
-    err = rel_err(model.forward(cfg, params, jnp.asarray(tokens)), _hf_logits(reloaded, tokens))
+    tokens = random_tokens(2)
+    err = rel_err(model.forward(cfg, params, jnp.asarray(tokens)), hf_logits(reloaded, tokens))
     print(f"\n[{name}] export max relative error {err:.2e}")
     assert err <= TOL
 
 
 def test_packed_segments_match_separate_documents(reference):
     """[docA, docB] in one row with segment ids = HF on each document alone: proves the packing
-    mask and the positions restarting at each document (docB is longer than the window)."""
+    mask and the positions restarting at each document, for RoPE and the query scale (docB is
+    longer than the window)."""
     name, hf_model, directory = reference
     cfg, params = hf.load(directory)
-    doc_a, doc_b = _tokens(3, (1, 5)), _tokens(4, (1, 7))
+    # Both documents run past the Ministral 3 case's original length 8.
+    doc_a, doc_b = random_tokens(3, (1, 9)), random_tokens(4, (1, 11))
     packed = np.concatenate([doc_a, doc_b], axis=1)
-    segment_ids = np.array([[1] * 5 + [2] * 7], np.int32)
+    segment_ids = np.array([[1] * 9 + [2] * 11], np.int32)
     ours = model.forward(cfg, params, jnp.asarray(packed), jnp.asarray(segment_ids))
-    theirs = np.concatenate([_hf_logits(hf_model, doc_a), _hf_logits(hf_model, doc_b)], axis=1)
+    theirs = np.concatenate([hf_logits(hf_model, doc_a), hf_logits(hf_model, doc_b)], axis=1)
     err = rel_err(ours, theirs)
     print(f"\n[{name}] packed max relative error {err:.2e}")
+    assert err <= TOL
+
+
+def test_pruned_child_exports_with_parity(reference, tmp_path):
+    """A child with KV groups (with one KV head: query heads) and half the FFN removed is
+    written as the parent's family and read back by transformers: the surgery leaves every
+    family's extras (biases, q/k norms, RoPE scaling, query scale) in a loadable state."""
+    name, hf_model, directory = reference
+    cfg, params = hf.load(directory)
+    if cfg.n_kv_heads > 1:
+        cfg_c, child = prune.keep_kv_groups(cfg, params, [[1], [0]][:cfg.n_layers])
+    else:
+        cfg_c, child = prune.keep_query_heads(cfg, params, [1, 2])
+    cfg_c, child = prune.keep_neurons(cfg_c, child, np.arange(0, cfg.d_ff, 2))
+    out = hf.save(cfg_c, child, tmp_path / "child", architecture=type(hf_model).__name__)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.num_key_value_heads == cfg_c.n_kv_heads
+    tokens = random_tokens(6)
+    err = rel_err(model.forward(cfg_c, child, jnp.asarray(tokens)), hf_logits(reloaded, tokens))
+    print(f"\n[{name}] pruned child export max relative error {err:.2e}")
     assert err <= TOL
 
 
@@ -190,11 +227,53 @@ def saved(tmp_path_factory):
     return hf.save(CFG, params, tmp_path_factory.mktemp("saved") / "ckpt"), params
 
 
+_YARN = YarnRopeScaling(16.0, 16384, mscale=1.0, mscale_all_dim=1.0)
+
+
 def test_config_round_trip():
+    plain = CFG.replace(sliding_window=None)
     for cfg, arch in ((CFG, "MistralForCausalLM"),
-                      (CFG.replace(sliding_window=None, tie_embeddings=True,
-                                   param_dtype="bfloat16"), "LlamaForCausalLM")):
+                      (plain.replace(tie_embeddings=True, param_dtype="bfloat16"),
+                       "LlamaForCausalLM"),
+                      (CFG.replace(rope_scaling=_YARN, query_scale_beta=0.1),
+                       "Ministral3ForCausalLM"),
+                      (plain.replace(rope_scaling=_YARN), "Ministral3ForCausalLM"),
+                      (CFG.replace(qkv_bias=True, tie_embeddings=True), "Qwen2ForCausalLM"),
+                      (plain.replace(qk_norm=True, rope_scaling=_YARN), "Qwen3ForCausalLM")):
+        if arch != "LlamaForCausalLM":  # Mistral expresses a Llama config too
+            assert hf.default_architecture(cfg) == arch
         assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(cfg, arch)))) == cfg
+
+
+@pytest.mark.parametrize("architecture, change, culprit", [
+    ("LlamaForCausalLM", {}, "sliding_window=8"),
+    ("MistralForCausalLM", {"qkv_bias": True}, "qkv_bias=True"),
+    ("Qwen2ForCausalLM", {}, "qkv_bias=False"),
+    ("Qwen3ForCausalLM", {"qk_norm": True, "qkv_bias": True}, "qkv_bias=True"),
+    ("MistralForCausalLM", {"rope_scaling": _YARN, "query_scale_beta": 0.1},
+     "query_scale_beta=0.1"),
+    ("Ministral3ForCausalLM", {}, "rope_scaling=None"),
+    ("Mistral3ForConditionalGeneration", {}, "its text family"),
+])
+def test_configs_a_family_cannot_express_are_refused_on_save(architecture, change, culprit):
+    with pytest.raises(ValueError, match=re.escape(culprit)):
+        hf.config_to_hf(CFG.replace(**change), architecture)
+
+
+def test_qwen_sliding_window_keys():
+    """Qwen's `sliding_window` is inert unless `use_sliding_window` (Qwen2.5 releases ship
+    131072 with the flag off); with it, `max_window_layers` decides which layers slide."""
+    qwen = {**hf.config_to_hf(CFG.replace(sliding_window=None, qkv_bias=True)),
+            "sliding_window": 4096, "max_window_layers": 28}
+    qwen.pop("layer_types")
+    assert hf.config_from_hf(qwen).sliding_window is None
+    assert hf.config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 0}
+                             ).sliding_window == 4096
+    assert hf.config_from_hf({**qwen, "use_sliding_window": True}).sliding_window is None
+    with pytest.raises(ValueError, match="max_window_layers=1 < num_hidden_layers=2") as info:
+        hf.config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 1},
+                          source="qwen/config.json")
+    assert "qwen/config.json" in str(info.value) and "use_sliding_window=false" in str(info.value)
 
 
 def test_config_from_transformers_4_keys():
@@ -211,7 +290,23 @@ def test_config_from_transformers_4_keys():
 
 @pytest.mark.parametrize("change, culprit", [
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0}},
+     "dynamic"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method='gptq'"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}},
+     "weight_block_size"),
+    ({"architectures": ["Ministral3ForCausalLM"], "model_type": "ministral3",
+      "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": 8}}, "llama_4_scaling_beta"),
+    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": True},
+     "attention_bias"),
+    ({"architectures": ["Mistral3ForConditionalGeneration"],
+      "text_config": {"model_type": "llama"}}, "text_config.model_type='llama'"),
+    ({"architectures": ["Mistral3ForConditionalGeneration"],
+      "text_config": {"model_type": "mistral", "vocab_size": 64}},
+     r"\(text_config\): required key 'hidden_size'"),
     ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "llama3"),
     ({"attention_bias": True}, "attention_bias"),
@@ -252,9 +347,9 @@ def test_bfloat16_round_trip(tmp_path):
     # transformers reads our bf16 bytes as the same numbers.
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                     attn_implementation="eager").eval()
-    tokens = _tokens(5, vocab=cfg.vocab_size)
+    tokens = random_tokens(5, vocab=cfg.vocab_size)
     err = rel_err(model.forward(cfg32, params32, jnp.asarray(tokens)),
-                  _hf_logits(reloaded, tokens))
+                  hf_logits(reloaded, tokens))
     print(f"\n[bf16 weights, float32 compute] export max relative error {err:.2e}")
     assert err <= TOL
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cascade_jax import model
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import ModelConfig, YarnRopeScaling
 
 CFG = ModelConfig(vocab_size=97, d_model=40, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=12,
                   d_ff=56, rope_theta=5000.0, norm_eps=1e-6)
@@ -29,9 +29,13 @@ def _np_forward(cfg, params, tokens, segment_ids, positions):
     x = p["embed"]["embedding"][tokens]
     length = tokens.shape[1]
     half = cfg.head_dim // 2
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(half) * 2.0 / cfg.head_dim)
+    inv_freq, attention = _np_rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     ang = positions[..., None] * inv_freq  # [B, L, E/2]
-    cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+    cos, sin = attention * np.cos(ang)[:, :, None], attention * np.sin(ang)[:, :, None]
+    q_scale = np.ones(positions.shape)[:, :, None, None]
+    if cfg.query_scale_beta is not None:
+        original = cfg.rope_scaling.original_max_position_embeddings
+        q_scale = _np_query_scale(positions, cfg.query_scale_beta, original)[:, :, None, None]
 
     def rope(t):
         t1, t2 = t[..., :half], t[..., half:]
@@ -47,9 +51,13 @@ def _np_forward(cfg, params, tokens, segment_ids, positions):
     lay = p["layers"]
     for n in range(cfg.n_layers):
         h = norm(x, lay["attn_norm"]["scale"][n])
-        q = rope(np.einsum("bld,dhe->blhe", h, lay["attn"]["wq"][n]))
-        k = rope(np.einsum("bld,dke->blke", h, lay["attn"]["wk"][n]))
-        v = np.einsum("bld,dke->blke", h, lay["attn"]["wv"][n])
+        attn = {name: w[n] for name, w in lay["attn"].items()}
+        q = np.einsum("bld,dhe->blhe", h, attn["wq"]) + attn.get("bq", 0.0)
+        k = np.einsum("bld,dke->blke", h, attn["wk"]) + attn.get("bk", 0.0)
+        v = np.einsum("bld,dke->blke", h, attn["wv"]) + attn.get("bv", 0.0)
+        if cfg.qk_norm:
+            q, k = norm(q, attn["q_norm"]), norm(k, attn["k_norm"])
+        q, k = rope(q) * q_scale, rope(k)
         heads = []
         for hh in range(cfg.n_heads):
             kv = hh // cfg.n_groups
@@ -69,6 +77,44 @@ def _np_forward(cfg, params, tokens, segment_ids, positions):
     return x @ w_out
 
 
+def _np_rope(head_dim, theta, scaling):
+    """float64 RoPE inverse frequencies and the cos/sin factor; YaRN written from the paper
+    (arXiv 2309.00071: "NTK-by-parts" and the attention scale) with transformers' options."""
+    extrapolated = theta ** -(np.arange(0, head_dim, 2) / head_dim)
+    if scaling is None:
+        return extrapolated, 1.0
+    assert isinstance(scaling, YarnRopeScaling)
+    # The frequency index d at which the wavelength 2π θ^(2d/E) fits r times in the original
+    # context L: solve L / (2π θ^(2d/E)) = r for d.
+    def index(r):
+        return head_dim * np.log(scaling.original_max_position_embeddings / (2 * np.pi * r)) / (
+            2 * np.log(theta))
+
+    low, high = index(scaling.beta_fast), index(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
+    high = high + 0.001 if low == high else high
+    interpolated_share = np.clip((np.arange(head_dim // 2) - low) / (high - low), 0, 1)
+    inv_freq = (extrapolated / scaling.factor * interpolated_share
+                + extrapolated * (1 - interpolated_share))
+
+    def mscale(m):
+        return 1.0 if scaling.factor <= 1 else 0.1 * m * np.log(scaling.factor) + 1.0
+
+    if scaling.attention_factor is not None:
+        attention = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
+        attention = mscale(scaling.mscale) / mscale(scaling.mscale_all_dim)
+    else:
+        attention = mscale(1.0)
+    return inv_freq, attention
+
+
+def _np_query_scale(positions, beta, original):
+    return 1.0 + beta * np.log(1.0 + np.floor(np.asarray(positions, np.float64) / original))
+
+
 def _packed_inputs(rng, batch=2, length=14):
     tokens = rng.integers(0, CFG.vocab_size, (batch, length)).astype(np.int32)
     segment_ids = np.ones((batch, length), np.int32)
@@ -86,6 +132,11 @@ def _rel_err(ours, ref):
     {},
     {"tie_embeddings": True, "sliding_window": 3},
     {"attention_chunk": 7, "sliding_window": 5},   # two query blocks over packed segments
+    # Qwen2 biases, Qwen3 q/k norms, YaRN and Ministral 3's query scale (original length 4,
+    # so positions 0-10 of the packed rows see scales 1, 1 + β log 2, 1 + β log 3).
+    {"qkv_bias": True, "qk_norm": True, "query_scale_beta": 0.3,
+     "rope_scaling": YarnRopeScaling(4.0, 4, beta_fast=2.0, beta_slow=0.05, mscale=1.0,
+                                     mscale_all_dim=0.5)},
 ])
 def test_forward_matches_numpy_reference(changes):
     cfg = CFG.replace(**changes)
@@ -96,6 +147,55 @@ def test_forward_matches_numpy_reference(changes):
     assert ours.dtype == jnp.float32 and ours.shape == (2, 14, cfg.vocab_size)
     valid = segment_ids > 0
     assert _rel_err(np.asarray(ours)[valid], ref[valid]) < 1e-5
+
+
+@pytest.mark.parametrize("scaling", [
+    # Ministral 3's released setting (attention scale 1: mscale == mscale_all_dim).
+    YarnRopeScaling(16.0, 16384, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+    # Qwen3's long-context recipe: no mscales, so the scale is 0.1 ln(factor) + 1.
+    YarnRopeScaling(4.0, 32768),
+    # Untruncated ramp, an explicit attention factor.
+    YarnRopeScaling(8.0, 4096, beta_fast=16.0, beta_slow=2.0, truncate=False,
+                    attention_factor=1.25),
+    # Only mscale set (mscale_all_dim None): the plain mscale(factor) rule.
+    YarnRopeScaling(2.0, 64, mscale=0.7),
+    # A factor below 1 scales nothing; a ramp of zero width (low == high) is guarded.
+    YarnRopeScaling(0.5, 8, beta_fast=1.0, beta_slow=0.9),
+], ids=["ministral3", "qwen3", "untruncated", "mscale_only", "degenerate"])
+def test_yarn_frequencies_and_attention_scale_match_float64_numpy(scaling):
+    for head_dim, theta in ((128, 1e6), (16, 1e4)):
+        want_inv_freq, want_scale = _np_rope(head_dim, theta, scaling)
+        got = np.asarray(model.rope_frequencies(head_dim, theta, scaling), np.float64)
+        np.testing.assert_allclose(got, want_inv_freq, rtol=2e-6)
+        assert model.rope_attention_scale(scaling) == pytest.approx(want_scale, rel=1e-12)
+        cos, sin = model.rope_tables(jnp.array([[3]]), head_dim, theta, scaling)
+        np.testing.assert_allclose(np.hypot(cos, sin), want_scale, rtol=1e-6)
+    if scaling.factor > 1:  # both bands occur at head_dim 128: the rule is not a no-op
+        plain = np.asarray(model.rope_frequencies(128, 1e6))
+        got = np.asarray(model.rope_frequencies(128, 1e6, scaling))
+        assert np.isclose(got, plain).any() and np.isclose(got, plain / scaling.factor).any()
+
+
+def test_query_scale_matches_float64_numpy():
+    positions = np.array([[0, 1, 16383, 16384, 16385, 32767, 32768, 49152, 262143]])
+    for beta, original in ((0.1, 16384), (0.7, 3)):
+        got = model.query_scale(jnp.asarray(positions), beta, original)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, _np_query_scale(positions, beta, original), rtol=1e-6)
+    np.testing.assert_array_equal(model.query_scale(jnp.asarray(positions[:, :3]), 0.1, 16384),
+                                  1.0)
+
+
+def test_packed_segments_restart_the_query_scale():
+    """A second document's query scale starts again at position 0, as if it were alone (the
+    logits of packed rows against transformers: test_hf's ministral3 case)."""
+    cfg = CFG.replace(rope_scaling=YarnRopeScaling(2.0, 4), query_scale_beta=0.5)
+    segment_ids = np.array([[1] * 6 + [2] * 9])
+    tables = model.position_tables(cfg, model.positions_from_segments(jnp.asarray(segment_ids)))
+    restarted = np.r_[np.arange(6), np.arange(9)][None]
+    np.testing.assert_allclose(tables.query_scale_BL, _np_query_scale(restarted, 0.5, 4),
+                               rtol=1e-6)
+    assert model.position_tables(CFG, jnp.asarray(restarted)).query_scale_BL is None
 
 
 def test_positions_restart_per_segment():

@@ -148,6 +148,64 @@ def test_dropping_kv_groups_equals_masking_their_query_heads(parent):
                                rtol=1e-5, atol=1e-5)
 
 
+# Qwen2's q/k/v biases and Qwen3's q/k norms in one parent: both must follow (or stay out of)
+# every edit.
+QWEN = CFG.replace(qkv_bias=True, qk_norm=True)
+_QWEN_EXTRAS = ("bq", "bk", "bv", "q_norm", "k_norm")
+
+
+@pytest.fixture(scope="module")
+def qwen_parent():
+    params = _randomized_params(QWEN, seed=11)
+    return params, _logits(QWEN, params)
+
+
+def test_qwen_heads_prune_with_their_biases(qwen_parent):
+    """Removed heads equal the parent with them masked; the kept heads keep their own biases
+    (a wrong bias row would change the logits) and the shared q/k norm scales stay whole."""
+    params, logits = qwen_parent
+    for edit, index in ((prune.keep_query_heads, range(4)), (prune.keep_kv_groups, range(2)),
+                        (prune.keep_layers, range(4))):
+        cfg, kept = edit(QWEN, params, list(index))
+        assert cfg == QWEN
+        _assert_same_tree(kept, params)
+    attn = params["layers"]["attn"]
+    within = prune.prune(QWEN, params, _scores(QWEN, seed=2), prune.Target(n_heads=2))
+    groups = prune.prune(QWEN, params, _scores(QWEN, seed=3), prune.Target(n_kv_heads=1),
+                         head_method="kv_groups")
+    for out in (within, groups):
+        masked = _copy(params)
+        for n in range(CFG.n_layers):
+            heads, kv = out.record.query_heads[n], out.record.kv_heads
+            masked["layers"]["attn"]["wo"][n, np.setdiff1d(np.arange(4), heads)] = 0.0
+            child = {name: np.asarray(out.params["layers"]["attn"][name][n])
+                     for name in _QWEN_EXTRAS}
+            np.testing.assert_array_equal(child["bq"], attn["bq"][n, heads])
+            kv_kept = kv[n] if kv else [0, 1]
+            for name in ("bk", "bv"):
+                np.testing.assert_array_equal(child[name], attn[name][n, kv_kept])
+            for name in ("q_norm", "k_norm"):
+                np.testing.assert_array_equal(child[name], attn[name][n])
+        np.testing.assert_allclose(_logits(out.cfg, out.params), _logits(QWEN, masked),
+                                   rtol=1e-5, atol=1e-5)
+    assert np.abs(_logits(QWEN, masked) - logits).max() > 1e-2  # the masking mattered
+
+
+def test_qwen_hidden_cuts_leave_biases_and_qk_norms_alone(qwen_parent):
+    """Biases are added after the projection and q/k norms act per head, so neither a PCA
+    rotation (exact at full width) nor a channel cut touches them."""
+    params, logits = qwen_parent
+    rotation = prune.pca_rotation(_scores(QWEN).residual_cov, CFG.d_model)
+    cfg, rotated = prune.rotate_hidden(QWEN, params, rotation)
+    assert cfg == QWEN
+    np.testing.assert_allclose(_logits(cfg, rotated), logits, rtol=1e-4, atol=1e-4)
+    _, cut = prune.keep_channels(QWEN, params, list(range(12)))
+    for child in (rotated, cut):
+        for name in _QWEN_EXTRAS:
+            np.testing.assert_array_equal(child["layers"]["attn"][name],
+                                          params["layers"]["attn"][name])
+
+
 def test_pca_at_full_width_is_the_parent(parent):
     params, logits = parent
     q = prune.surgery.pca_rotation(_scores(CFG).residual_cov, CFG.d_model)

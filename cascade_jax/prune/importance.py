@@ -369,8 +369,7 @@ def _batch_statistics(cfg: ModelConfig, settings: _Settings, params: model.Param
     tokens_BL, segment_ids_BL, positions_BL = (batch["tokens"], batch["segment_ids"],
                                                batch["positions"])
     w_BL = (segment_ids_BL > 0).astype(jnp.float32)
-    cos_BLE2, sin_BLE2 = model.rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta,
-                                           cfg.rope_scaling)
+    tables = model.position_tables(cfg, positions_BL)
     mask_BLM = model.attention_mask(segment_ids_BL, cfg.sliding_window)
     x_BLD = model.Decoder(cfg).apply({"params": params}, tokens_BL,
                                      method=lambda decoder, t: decoder.embed(t))
@@ -378,8 +377,8 @@ def _batch_statistics(cfg: ModelConfig, settings: _Settings, params: model.Param
 
     def body(carry, layer_params):
         x_BLD, cov_DD = carry
-        (x_BLD, _), state = block.apply({"params": layer_params}, x_BLD, cos_BLE2, sin_BLE2,
-                                        mask_BLM, mutable=["intermediates"])
+        (x_BLD, _), state = block.apply({"params": layer_params}, x_BLD, tables, mask_BLM,
+                                        mutable=["intermediates"])
         acts = _sown(state)
         cov_DD = cov_DD + _residual_second_moment(acts, w_BL)
         return (x_BLD, cov_DD), _layer_reductions(settings, acts, w_BL)

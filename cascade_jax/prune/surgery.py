@@ -6,10 +6,14 @@ that carries that axis, and assert how many tensors were touched and their new s
 idea of penzai's `selectors.assert_count_is`). So depth is a Take on 'layers'; FFN neurons on
 'mlp' (W_gate/W_up columns and W_down rows together); query heads on 'heads' (wq and wo); KV
 groups on 'kv_heads' (wk, wv) plus their query heads; hidden channels on 'embed' (embedding,
-all norms, all projections, LM head). Per-layer choices (different neurons or heads in every
-layer) are `[N, k]` indices, one row per layer. Adam's mu/nu mirror the param tree, so the same
-Takes prune them in lockstep. A final check compares every child shape with
-`model.param_shapes(child_cfg)`. Nothing removed means nothing edited: bit-identical to the parent.
+all norms, all projections, LM head). Qwen's q/k/v biases (arXiv 2407.10671) carry 'heads' /
+'kv_heads' and go with their heads; its q/k norm scales (Qwen3, arXiv 2505.09388) carry only
+'head_dim', shared by every head, and stay. Neither has an 'embed' axis, so hidden cuts and the
+PCA rotation leave them alone: a bias is added after the projection, x Q · Qᵀ W + b = x W + b.
+Per-layer choices (different neurons or heads in every layer) are `[N, k]` indices, one row
+per layer. Adam's mu/nu mirror the param tree, so the same Takes prune them in lockstep. A
+final check compares every child shape with `model.param_shapes(child_cfg)`. Nothing removed
+means nothing edited: bit-identical to the parent.
 
 `prune` composes the edits from importance scores (higher = keep; `importance.Importance`), in
 this order: depth first (layer scores), then heads and FFN on the kept layers (their rows of
@@ -70,9 +74,14 @@ HEAD_METHODS = ("within_group", "kv_groups")
 HIDDEN_METHODS = ("channel", "pca")
 INITS = ("pruned", "random")  # how `child_config`'s child gets its weights
 
-# How many decoder tensors carry each logical axis (model.py's param tree). An edit touching
-# any other number means the layout changed under the surgery, which must then be updated.
+# How many decoder tensors carry each logical axis (model.py's param tree): the plain decoder's,
+# plus those of the q/k/v biases (bq on 'heads', bk and bv on 'kv_heads') and q/k norm scales
+# ('head_dim' only, shared by every head) when the config has them; all of them on 'layers'.
+# An edit touching any other number means the layout changed under the surgery, which must
+# then be updated.
 _AXIS_COUNTS = {"layers": 9, "mlp": 3, "heads": 2, "kv_heads": 2}
+_BIAS_AXIS_COUNTS = {"layers": 3, "heads": 1, "kv_heads": 2}
+_QK_NORM_AXIS_COUNTS = {"layers": 2}
 _EMBEDDING, _LM_HEAD, _FINAL_NORM = "embed/embedding", "lm_head/kernel", "final_norm/scale"
 # The matrices that read each RMSNorm's output (where a norm scale folds before a rotation).
 _NORM_READERS = {
@@ -87,6 +96,12 @@ class SurgeryError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ layout
+
+
+def _axis_count(cfg: ModelConfig, axis: str) -> int:
+    """How many of `cfg`'s tensors an edit on logical `axis` must touch."""
+    return (_AXIS_COUNTS[axis] + cfg.qkv_bias * _BIAS_AXIS_COUNTS.get(axis, 0)
+            + cfg.qk_norm * _QK_NORM_AXIS_COUNTS.get(axis, 0))
 
 
 @functools.lru_cache(maxsize=64)
@@ -289,7 +304,7 @@ def keep_layers(cfg: ModelConfig, params: Params, layers: Sequence[int]
                          "sort them")
     child = cfg.replace(n_layers=len(idx))
     return child, _finish(child, take(paths.flatten(params), layout(cfg),
-                                      Take("layers", idx, _AXIS_COUNTS["layers"])))
+                                      Take("layers", idx, _axis_count(cfg, "layers"))))
 
 
 def keep_neurons(cfg: ModelConfig, params: Params, neurons: Any) -> tuple[ModelConfig, Params]:
@@ -297,7 +312,7 @@ def keep_neurons(cfg: ModelConfig, params: Params, neurons: Any) -> tuple[ModelC
     idx = _as_index("neurons", neurons, cfg.d_ff, cfg.n_layers)
     child = cfg.replace(d_ff=idx.shape[-1])
     return child, _finish(child, take(paths.flatten(params), layout(cfg),
-                                      Take("mlp", idx, _AXIS_COUNTS["mlp"])))
+                                      Take("mlp", idx, _axis_count(cfg, "mlp"))))
 
 
 def _query_heads_edit(cfg: ModelConfig, heads: Any) -> tuple[ModelConfig, Take]:
@@ -313,7 +328,7 @@ def _query_heads_edit(cfg: ModelConfig, heads: Any) -> tuple[ModelConfig, Take]:
                          f"group, listed group by group (child head j uses KV head "
                          f"j // {kept // k}); parent head h belongs to group h // "
                          f"{cfg.n_groups}")
-    return cfg.replace(n_heads=kept), Take("heads", idx, _AXIS_COUNTS["heads"])
+    return cfg.replace(n_heads=kept), Take("heads", idx, _axis_count(cfg, "heads"))
 
 
 def keep_query_heads(cfg: ModelConfig, params: Params, heads: Any
@@ -330,8 +345,9 @@ def keep_query_heads(cfg: ModelConfig, params: Params, heads: Any
 def _kv_groups_edit(cfg: ModelConfig, groups: Any) -> tuple[ModelConfig, list[Take]]:
     idx = _as_index("kv groups", groups, cfg.n_kv_heads, cfg.n_layers)
     child = cfg.replace(n_heads=idx.shape[-1] * cfg.n_groups, n_kv_heads=idx.shape[-1])
-    return child, [Take("kv_heads", idx, _AXIS_COUNTS["kv_heads"]),
-                   Take("heads", _heads_of_groups(idx, cfg.n_groups), _AXIS_COUNTS["heads"])]
+    heads = _heads_of_groups(idx, cfg.n_groups)
+    return child, [Take("kv_heads", idx, _axis_count(cfg, "kv_heads")),
+                   Take("heads", heads, _axis_count(cfg, "heads"))]
 
 
 def keep_kv_groups(cfg: ModelConfig, params: Params, groups: Any) -> tuple[ModelConfig, Params]:
@@ -712,7 +728,7 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
     if dims["n_layers"] < cfg.n_layers:
         rows = (res.explicit_layers if res.explicit_layers is not None
                 else select_layers(importance, dims["n_layers"], depth_method))
-        edits.append(Take("layers", rows, _AXIS_COUNTS["layers"]))
+        edits.append(Take("layers", rows, _axis_count(cfg, "layers")))
         record.layers = rows.tolist()
     if dims["n_kv_heads"] < cfg.n_kv_heads:
         groups = top_k(np.asarray(importance.kv_group)[rows], dims["n_kv_heads"])
@@ -724,11 +740,11 @@ def prune(cfg: ModelConfig, params: Params, importance: Any, target: Target, *,
         scores_NKG = np.asarray(importance.head)[rows].reshape(len(rows), k, cfg.n_groups)
         heads = top_k(scores_NKG, g_kept) + (np.arange(k) * cfg.n_groups)[:, None]
         heads = heads.reshape(len(rows), dims["n_heads"]).astype(np.int32)
-        edits.append(Take("heads", heads, _AXIS_COUNTS["heads"]))
+        edits.append(Take("heads", heads, _axis_count(cfg, "heads")))
         record.query_heads = heads.tolist()
     if dims["d_ff"] < cfg.d_ff:
         neurons = top_k(np.asarray(importance.neuron)[rows], dims["d_ff"])
-        edits.append(Take("mlp", neurons, _AXIS_COUNTS["mlp"]))
+        edits.append(Take("mlp", neurons, _axis_count(cfg, "mlp")))
         record.neurons = neurons.tolist()
     shrink_hidden = dims["d_model"] < cfg.d_model
     if shrink_hidden and hidden_method == "channel":
