@@ -192,6 +192,14 @@ def plan_models(config: CascadeConfig, root: ModelConfig | None = None
     return models
 
 
+def check_positions(cfg: ModelConfig, seq_len: int, name: str) -> None:
+    """Packed rows put positions 0 .. seq_len - 1 through the model: no more than it takes."""
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"config.data.seq_len={seq_len} exceeds {name}'s max_seq_len="
+                         f"{cfg.max_seq_len}; shorten the rows (--config.data.seq_len="
+                         f"{cfg.max_seq_len}) or extend the model's context first")
+
+
 # ------------------------------------------------------------------------------ the context
 
 
@@ -572,10 +580,11 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
     for micro in {1, config.cadence.eval_micro_batches, *(s.grad_accum for s in config.stages)}:
         sharding.check_batch_split(config.data.batch_size, mesh, micro)
     root_cfg = root_model(config.root)
-    plan_models(config, root_cfg)
+    for name, cfg in plan_models(config, root_cfg).items():
+        check_positions(cfg, config.data.seq_len, name)
     datasets = run_datasets(config, seed=config.seed)
-    if config.root.kind == "scratch":
-        train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(), "config.root.model")
+    train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(),
+                      "config.root.model" if config.root.kind == "scratch" else config.root.path)
     with rundir.lock(workdir, enabled=jax.process_index() == 0):
         claim_workdir(workdir, config.raw)
         if jax.process_index() == 0:

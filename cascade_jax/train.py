@@ -44,10 +44,13 @@ state_shardings = steps.model_state_shardings
 
 
 def check_vocab(cfg: ModelConfig, vocab_size: int, key: str) -> None:
-    """The model must have a row for every id the tokenizer can produce."""
+    """The model must have a row for every id the tokenizer can produce (`key`: the config
+    key of the model, or the directory a loaded one came from)."""
     if cfg.vocab_size < vocab_size:
+        fix = (f"set --{key}.vocab_size={vocab_size}" if key.startswith("config.")
+               else "use the tokenizer that model was trained with")
         raise ValueError(f"{key}.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                         f"vocabulary ({vocab_size}); set --{key}.vocab_size={vocab_size}")
+                         f"vocabulary ({vocab_size}); {fix}")
 
 
 def run(config: runconfig.TrainRunConfig | ml_collections.ConfigDict) -> dict[str, Any]:
@@ -64,6 +67,10 @@ def run(config: runconfig.TrainRunConfig | ml_collections.ConfigDict) -> dict[st
     datasets = data.datasets_from_config(config.data, seed=config.seed)
     cfg = config.model
     check_vocab(cfg, datasets.tokenizer.get_vocab_size(), "config.model")
+    if config.data.seq_len > cfg.max_seq_len:
+        raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds "
+                         f"config.model.max_seq_len={cfg.max_seq_len}; shorten the rows or "
+                         "raise max_seq_len")
     optimizer = steps.make_optimizer(total_steps=config.steps,
                                      **config.optim.optimizer_kwargs())
     shardings = steps.model_state_shardings(cfg, optimizer, mesh)

@@ -148,6 +148,10 @@ def test_cascade_checks_fail_in_seconds_and_leave_the_directory_unclaimed(corpus
     config.stages.child.teacher = str(teacher_dir)
     with pytest.raises(ValueError, match=r"teacher=.* has vocab_size=300 but the child has 320"):
         cascade.run(config, progress=False)
+    config = cascade_config(corpus_dir, str(workdir))
+    config.data.seq_len = 32  # the models' max_seq_len is 16
+    with pytest.raises(ValueError, match=r"config.data.seq_len=32 exceeds root's max_seq_len=16"):
+        cascade.run(config, progress=False)
     assert time.perf_counter() - start < 60
     assert not workdir.exists() or rundir.read_owner(str(workdir)) is None
     rundir.claim(str(workdir), tool="cascade", config={"fixed": True})  # free to claim
