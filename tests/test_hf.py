@@ -185,10 +185,10 @@ def test_pruned_child_exports_with_parity(reference, tmp_path):
     name, hf_model, directory = reference
     cfg, params = hf.load(directory)
     if cfg.n_kv_heads > 1:
-        cfg_c, child = prune.keep_kv_groups(cfg, params, [[1], [0]][:cfg.n_layers])
+        cfg_c, child = prune.surgery.keep_kv_groups(cfg, params, [[1], [0]][:cfg.n_layers])
     else:
-        cfg_c, child = prune.keep_query_heads(cfg, params, [1, 2])
-    cfg_c, child = prune.keep_neurons(cfg_c, child, np.arange(0, cfg.d_ff, 2))
+        cfg_c, child = prune.surgery.keep_query_heads(cfg, params, [1, 2])
+    cfg_c, child = prune.surgery.keep_neurons(cfg_c, child, np.arange(0, cfg.d_ff, 2))
     out = hf.save(cfg_c, child, tmp_path / "child", architecture=type(hf_model).__name__)
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert reloaded.config.num_key_value_heads == cfg_c.n_kv_heads

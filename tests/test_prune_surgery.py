@@ -164,8 +164,9 @@ def test_qwen_heads_prune_with_their_biases(qwen_parent):
     """Removed heads equal the parent with them masked; the kept heads keep their own biases
     (a wrong bias row would change the logits) and the shared q/k norm scales stay whole."""
     params, logits = qwen_parent
-    for edit, index in ((prune.keep_query_heads, range(4)), (prune.keep_kv_groups, range(2)),
-                        (prune.keep_layers, range(4))):
+    surgery = prune.surgery
+    for edit, index in ((surgery.keep_query_heads, range(4)), (surgery.keep_kv_groups, range(2)),
+                        (surgery.keep_layers, range(4))):
         cfg, kept = edit(QWEN, params, list(index))
         assert cfg == QWEN
         _assert_same_tree(kept, params)
@@ -195,11 +196,11 @@ def test_qwen_hidden_cuts_leave_biases_and_qk_norms_alone(qwen_parent):
     """Biases are added after the projection and q/k norms act per head, so neither a PCA
     rotation (exact at full width) nor a channel cut touches them."""
     params, logits = qwen_parent
-    rotation = prune.pca_rotation(_scores(QWEN).residual_cov, CFG.d_model)
-    cfg, rotated = prune.rotate_hidden(QWEN, params, rotation)
+    rotation = prune.surgery.pca_rotation(_scores(QWEN).residual_cov, CFG.d_model)
+    cfg, rotated = prune.surgery.rotate_hidden(QWEN, params, rotation)
     assert cfg == QWEN
     np.testing.assert_allclose(_logits(cfg, rotated), logits, rtol=1e-4, atol=1e-4)
-    _, cut = prune.keep_channels(QWEN, params, list(range(12)))
+    _, cut = prune.surgery.keep_channels(QWEN, params, list(range(12)))
     for child in (rotated, cut):
         for name in _QWEN_EXTRAS:
             np.testing.assert_array_equal(child["layers"]["attn"][name],
