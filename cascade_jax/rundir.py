@@ -24,7 +24,7 @@ OWNER_FILE = "owner.json"
 LOCK_FILE = ".lock"
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(ValueError):
     """The directory belongs to someone else, or is in use; nothing was written."""
 
 
