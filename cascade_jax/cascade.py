@@ -74,20 +74,18 @@ def claim_workdir(directory: str, config: dict[str, Any]) -> None:
     logging, evaluation cadence) may differ between restarts.
     """
     write = jax.process_index() == 0
-    rundir.claim(directory, tool="cascade", config=rundir.identity(config, _VOLATILE),
+    rundir.claim(directory, tool="cascade", config=rundir.identity(config),
                   legacy=_legacy_identity, write=write)
     path = os.path.join(directory, "cascade.json")
     if write and not os.path.exists(path):
         files.write_json(path, config)
 
 
-_VOLATILE = ("workdir", "progress", "log_every", "eval_every")
-
 
 def _legacy_identity(directory: str) -> dict[str, Any] | None:
     """A run written before owner files existed is recognised by its `cascade.json`."""
     path = os.path.join(directory, "cascade.json")
-    return rundir.identity(files.read_json(path), _VOLATILE) if os.path.exists(path) else None
+    return rundir.identity(files.read_json(path)) if os.path.exists(path) else None
 
 
 def _restore_params(directory: str, cfg: ModelConfig, mesh: Mesh) -> model.Params:

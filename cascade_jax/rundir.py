@@ -21,6 +21,8 @@ from typing import Any
 from cascade_jax import files
 
 OWNER_FILE = "owner.json"
+# Config fields that cannot change what a run computes: they may differ between restarts.
+VOLATILE = ("workdir", "progress", "log_every", "eval_every")
 LOCK_FILE = ".lock"
 
 
@@ -28,7 +30,8 @@ class WorkdirError(ValueError):
     """The directory belongs to someone else, or is in use; nothing was written."""
 
 
-def identity(config: Mapping[str, Any], volatile: tuple[str, ...] = ()) -> dict[str, Any]:
+def identity(config: Mapping[str, Any], volatile: tuple[str, ...] = VOLATILE
+             ) -> dict[str, Any]:
     """The part of a config that decides results (JSON-normalised; `volatile` keys dropped:
     progress, logging and evaluation cadence may change between restarts)."""
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in volatile},

@@ -75,7 +75,7 @@ def run(config: runconfig.TrainRunConfig | ml_collections.ConfigDict) -> dict[st
                                      **config.optim.optimizer_kwargs())
     shardings = steps.model_state_shardings(cfg, optimizer, mesh)
     with rundir.lock(workdir, enabled=jax.process_index() == 0):
-        rundir.claim(workdir, tool="train", config=rundir.identity(config.raw, VOLATILE),
+        rundir.claim(workdir, tool="train", config=rundir.identity(config.raw),
                      legacy=_legacy_identity, write=jax.process_index() == 0)
         tokens_seen = _fit(config, workdir, mesh, datasets, optimizer, shardings)
     final = read_metrics(workdir, "validation")[-1]
@@ -90,10 +90,6 @@ def run(config: runconfig.TrainRunConfig | ml_collections.ConfigDict) -> dict[st
     return summary
 
 
-# Fields that cannot change what a run computes: they may differ between restarts.
-VOLATILE = ("workdir", "log_every", "eval_every")
-
-
 def _legacy_identity(directory: str) -> dict[str, Any] | None:
     """A train run written before owner files existed: its checkpoints say kind 'train'."""
     ckpt_dir = os.path.join(directory, "checkpoints")
@@ -102,7 +98,7 @@ def _legacy_identity(directory: str) -> dict[str, Any] | None:
     metadata = checkpoint.read_metadata(ckpt_dir)
     if metadata.get("kind") != "train":
         return None
-    return rundir.identity(metadata.get("config") or {}, VOLATILE)
+    return rundir.identity(metadata.get("config") or {})
 
 
 def _fit(config: runconfig.TrainRunConfig, workdir: str, mesh: Any, datasets: data.Datasets,
