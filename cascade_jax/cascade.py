@@ -9,6 +9,7 @@ A run directory holds one sub-directory per stage and is the unit of resumption:
     <workdir>/<stage>/importance.npz  the parent's scores (one scoring, reusable)
     <workdir>/<stage>/checkpoints/    step 0 = the pruned child before training, then every N
     <workdir>/results.{md,csv}, loss_curves.png, importance_<stage>.png
+    <workdir>/task_accuracy.png       on a task run: pass@1 by generation per stage
 
 Every stage writes its `result.json` last, so a rerun of the same command skips finished
 stages and resumes an unfinished one from its last checkpoint (state and data position), and
@@ -44,6 +45,7 @@ from cascade_jax import (
     rundir,
     sharding,
     steps,
+    tasks,
     train,
 )
 from cascade_jax.config import ModelConfig, rope_scaling_from
@@ -232,7 +234,7 @@ class _Run:
             log_every=cadence.log_every, eval_every=cadence.eval_every,
             checkpoint_every=cadence.checkpoint_every,
             keep_checkpoints=cadence.keep_checkpoints, save_initial=save_initial,
-            progress=self.progress)
+            progress=self.progress, prepare_batch=built.prepare_batch)
         return tokens
 
     def model(self, name: str) -> Trained:
@@ -248,14 +250,36 @@ def _final_state_params(directory: str, cfg: ModelConfig, mesh: Mesh) -> model.P
 
 
 def _result(stage: str, cfg: ModelConfig, tokens: int, wall_s: float, directory: str,
-            baseline: bool, teacher: str | None, fingerprint: str) -> dict[str, Any]:
+            baseline: bool, teacher: str | None, fingerprint: str,
+            task_columns: dict[str, float]) -> dict[str, Any]:
     final = read_metrics(directory, "validation")[-1]
     return {"stage": stage, "baseline": baseline, "teacher": teacher or "",
             "fingerprint": fingerprint,
             "params": cfg.num_params(), "tokens": tokens,
             "validation_loss": final["loss"], "perplexity": final["perplexity"],
             "kl_to_teacher": final.get("kl_to_teacher", float("nan")),
-            "top1_agreement": final.get("top1_agreement", float("nan")), "wall_s": wall_s}
+            "top1_agreement": final.get("top1_agreement", float("nan")), **task_columns,
+            "wall_s": wall_s}
+
+
+def task_columns(run: _Run, cfg: ModelConfig, params: model.Params) -> dict[str, float]:
+    """A task run's scores by generation (`evaluate.task_scores`) per evaluation split:
+    `pass@1`, `well_formed`, `length` (+ `maj@k`, `pass@k`) on held-out problems, the same
+    with `_harder` on the harder split. Empty without a task."""
+    task_config = run.config.task
+    if task_config is None:
+        return {}
+    out = {}
+    for split in task_config.eval_splits():
+        problems = task_config.task.make_problems(split, task_config.eval_problems,
+                                                  seed=run.config.seed)
+        scores = evaluate.task_scores(
+            cfg, params, task_config.task, run.datasets.tokenizer, problems,
+            samples=task_config.eval_samples, temperature=task_config.eval_temperature,
+            rng=jax.random.key(run.config.seed + 7), mesh=run.mesh)
+        suffix = "" if split == tasks.VALIDATION else f"_{split}"
+        out.update({f"{name}{suffix}": value for name, value in scores.items()})
+    return out
 
 
 # -------------------------------------------------------------------------------- the root
@@ -285,9 +309,11 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
                              metadata=_lineage(run, ROOT, cfg, parent=None,
                                                extra={"kind": "scratch"}),
                              save_initial=False)
+            params = _final_state_params(directory, cfg, run.mesh)
             _write_result(result_path, _result(ROOT, cfg, tokens, time.perf_counter() - start,
                                                directory, False, None,
-                                               _checkpoint_fingerprint(directory)))
+                                               _checkpoint_fingerprint(directory),
+                                               task_columns(run, cfg, params)))
         params = _final_state_params(directory, cfg, run.mesh)
         fingerprint = _checkpoint_fingerprint(directory)
     else:
@@ -304,7 +330,8 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
             with MetricWriter(directory) as writer:
                 writer.write(0, "validation", scores)
             _write_result(result_path, _result(ROOT, cfg, 0, time.perf_counter() - start,
-                                               directory, False, None, fingerprint))
+                                               directory, False, None, fingerprint,
+                                               task_columns(run, cfg, params)))
     result = files.read_json(result_path)
     _check_unchanged(ROOT, directory, result.get("fingerprint"), fingerprint)
     run.models[ROOT] = Trained(ROOT, cfg, params, directory, fingerprint)
@@ -416,10 +443,12 @@ def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]
                                    for role, m in consumed.items()}, **record}
             _write_result(stage_path, record)
         tokens = _train_stage(run, stage, child_cfg, child_params, parent, teacher, record)
+        trained = _final_state_params(directory, child_cfg, run.mesh)
         _write_result(result_path, _result(stage.name, child_cfg, tokens,
                                            time.perf_counter() - start, directory,
                                            stage.baseline, teacher.name,
-                                           _checkpoint_fingerprint(directory)))
+                                           _checkpoint_fingerprint(directory),
+                                           task_columns(run, child_cfg, trained)))
     result = files.read_json(result_path)
     fingerprint = _checkpoint_fingerprint(directory)
     _check_unchanged(stage.name, directory, result.get("fingerprint"), fingerprint)
@@ -451,7 +480,9 @@ def _train_stage(run: _Run, stage: StageConfig, cfg: ModelConfig,
         teacher=teacher if objective.uses_teacher else None, settings=stage.settings,
         mesh=run.mesh, optimizer=optimizer, rng=jax.random.key(run.config.seed + 1),
         grad_accum=stage.grad_accum, train_batches=lambda: iter(run.datasets.train),
-        task=None if run.config.task is None else run.config.task.task))
+        task=None if run.config.task is None else run.config.task.task,
+        directory=run.stage_dir(stage.name), tokenizer=run.datasets.tokenizer,
+        data=run.config.data, seed=run.config.seed))
     metadata = _lineage(run, stage.name, cfg, parent=parent,
                         extra={"teacher": teacher.directory, "objective": stage.objective,
                                "importance": record.get("importance"),
@@ -469,9 +500,18 @@ COLUMNS = ("stage", "baseline", "teacher", "params", "tokens", "validation_loss"
            "kl_to_teacher", "top1_agreement", "wall_s")
 
 
+def columns(results: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The table's columns: `COLUMNS`, with a task run's scores by generation (pass@1, ...)
+    before `wall_s`."""
+    extra = [name for r in results for name in r
+             if name not in COLUMNS and name != "fingerprint"]
+    extra = list(dict.fromkeys(extra))
+    return (*COLUMNS[:-1], *extra, COLUMNS[-1])
+
+
 def results_csv(results: list[dict[str, Any]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=columns(results), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(results)
     return out.getvalue()
@@ -490,9 +530,10 @@ def _cell(name: str, value: Any) -> str:
 
 
 def results_markdown(results: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(_cell(c, r.get(c, "")) for c in COLUMNS) + " |" for r in results]
+    names = columns(results)
+    header = "| " + " | ".join(names) + " |"
+    rule = "|" + "|".join("---" for _ in names) + "|"
+    rows = ["| " + " | ".join(_cell(c, r.get(c, "")) for c in names) + " |" for r in results]
     return "\n".join([header, rule, *rows]) + "\n"
 
 
@@ -547,6 +588,11 @@ def write_report(run_dir: str, results: list[dict[str, Any]]) -> None:
     fig = plot_loss_curves(run_dir, [r["stage"] for r in results])
     files.atomic_write(os.path.join(run_dir, "loss_curves.png"),
                        lambda f: fig.savefig(f, format="png", dpi=110))
+    if any("pass@1" in r for r in results):
+        fig = Figure(figsize=(max(6, 1.1 * len(results)), 3.8), layout="constrained")
+        plots.plot_task_accuracy(results, ax=fig.subplots())
+        files.atomic_write(os.path.join(run_dir, "task_accuracy.png"),
+                           lambda f: fig.savefig(f, format="png", dpi=110))
     for r in results:
         path = os.path.join(run_dir, r["stage"], "importance.npz")
         if os.path.exists(path):

@@ -1,22 +1,27 @@
-"""How good a child is: perplexity on held-out text, and how close it is to a teacher.
+"""How good a child is: perplexity on held-out text, how close it is to a teacher, and (on a
+verifiable task) how often what it *generates* is right.
 
 A cascade's results table compares stages by validation loss (perplexity), forward KL to the
 teacher and top-1 agreement with it. The KL and agreement come from the fused-chunked loss of
 `cascade_jax.distill.losses`, so evaluating a 131k-vocabulary child never builds [B, L, V]
-logits for both models at once.
+logits for both models at once. On a task run the table adds `task_scores`: greedy pass@1,
+maj@k / pass@k with k samples, the well-formed rate and the mean completion length, decoded
+by `cascade_jax.generate` and judged by the task's verifier: a model can lower its loss on
+reference traces and still not reach the right answer on its own.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from cascade_jax import lm, loop, model, sharding, steps
+from cascade_jax import generate, lm, loop, model, sharding, steps, tasks
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses
 
@@ -84,4 +89,89 @@ def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[
         return loop.evaluate(step, params, batches(), mesh, max_batches=max_batches)
 
     return evaluate
+
+
+
+# ------------------------------------------------------------------- scores by generation
+
+
+def default_max_new_tokens(cfg: ModelConfig, prompts_R: Sequence[np.ndarray],
+                           reference_lengths: Sequence[int]) -> int:
+    """Room for the longest reference completion (+ EOS) and 8 tokens to ramble, within the
+    model's positions after the longest prompt."""
+    room = cfg.max_seq_len - max(len(p) for p in prompts_R)
+    if room < 1:
+        raise ValueError(f"a prompt of {max(len(p) for p in prompts_R)} tokens leaves no room "
+                         f"to generate within max_seq_len={cfg.max_seq_len}")
+    return max(1, min(max(reference_lengths) + 1 + 8, room))
+
+
+def sample_in_chunks(cfg: ModelConfig, params: model.Params, prompts_R: Sequence[np.ndarray],
+                     sampling: generate.SamplingParams, *, rng: jax.Array | None = None,
+                     mesh: Mesh | None = None, chunk: int = 256) -> generate.Completions:
+    """`generate` over many prompts, `chunk` at a time; the last chunk is padded with copies
+    of its first prompt (results dropped) so every call reuses one compiled sampler. Chunk c
+    samples with `fold_in(rng, c)`."""
+    parts = []
+    for c, first in enumerate(range(0, len(prompts_R), chunk)):
+        part = list(prompts_R[first:first + chunk])
+        count = len(part)
+        part += [part[0]] * (min(chunk, len(prompts_R)) - count)
+        out = generate.generate(cfg, params, part, sampling, mesh=mesh,
+                                rng=None if rng is None else jax.random.fold_in(rng, c))
+        rows = count * sampling.n
+        parts.append(generate.Completions(*(x[:rows] for x in out)))
+    return generate.Completions(*(np.concatenate(column) for column in zip(*parts,
+                                                                           strict=True)))
+
+
+def task_scores(cfg: ModelConfig, params: model.Params, task: tasks.Task, tokenizer: Any,
+                problems: Sequence[tasks.Problem], *, samples: int = 1,
+                temperature: float = 1.0, max_new_tokens: int | None = None,
+                rng: jax.Array | None = None, mesh: Mesh | None = None, chunk: int = 256
+                ) -> dict[str, float]:
+    """How often the model's own completions of `problems` are right, by the task's verifier.
+
+    Always: `pass@1` (greedy accuracy), `well_formed` (greedy completions with an answer
+    line), `length` (mean greedy completion tokens, stop token included). With `samples`
+    k > 1 (at `temperature`, `rng` required): `maj@k` (the most frequent well-formed answer
+    of the k is right; ties go to the answer seen first) and `pass@k` (any of the k is).
+    """
+    from cascade_jax import prompts  # grain: only when a task is scored
+
+    if not problems:
+        raise ValueError("no problems to score; pass at least one")
+    eos = prompts.data.eos_id(tokenizer)
+    prompts_R = prompts.encode_prompts(tokenizer, [p.prompt for p in problems])
+    if max_new_tokens is None:
+        reference = [len(ids) for ids in prompts.encode_prompts(
+            tokenizer, [p.completion for p in problems])]
+        max_new_tokens = default_max_new_tokens(cfg, prompts_R, reference)
+    stops = () if eos is None else (eos,)
+    greedy = sample_in_chunks(cfg, params, prompts_R, generate.SamplingParams(
+        max_new_tokens, temperature=0.0, stop_tokens=stops), mesh=mesh, chunk=chunk)
+    texts = prompts.decode_completions(tokenizer, greedy.tokens, greedy.lengths)
+    judged = [task.score(p.prompt, t) for p, t in zip(problems, texts, strict=True)]
+    out = {"pass@1": float(np.mean([s.correct for s in judged])),
+           "well_formed": float(np.mean([s.well_formed for s in judged])),
+           "length": float(np.mean(greedy.lengths))}
+    if samples > 1:
+        if rng is None:
+            raise ValueError(f"samples={samples} draws k completions per problem: pass rng")
+        drawn = sample_in_chunks(cfg, params, prompts_R, generate.SamplingParams(
+            max_new_tokens, temperature=temperature, n=samples, stop_tokens=stops),
+            rng=rng, mesh=mesh, chunk=max(1, chunk // samples))
+        texts = prompts.decode_completions(tokenizer, drawn.tokens, drawn.lengths)
+        majority, any_right = [], []
+        for i, problem in enumerate(problems):
+            group = texts[i * samples:(i + 1) * samples]
+            any_right.append(any(task.score(problem.prompt, t).correct for t in group))
+            answers = [tasks.extract_answer(t, task.answer_pattern) for t in group]
+            votes = collections.Counter(a for a in answers if a is not None).most_common(1)
+            # the majority answer is judged through a completion that gives it
+            majority.append(bool(votes) and task.score(
+                problem.prompt, group[answers.index(votes[0][0])]).correct)
+        out[f"maj@{samples}"] = float(np.mean(majority))
+        out[f"pass@{samples}"] = float(np.mean(any_right))
+    return out
 

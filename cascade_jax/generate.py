@@ -310,6 +310,16 @@ def generate(cfg: ModelConfig, params: model.Params, prompts: Sequence[np.ndarra
     if sampling.max_new_tokens > 1:  # prefill sampled the first token
         state = sampler.decode(params, state, rng)
     count = len(rows)
-    return Completions(tokens=np.asarray(state.tokens_BT)[:count],
-                       lengths=np.asarray(state.lengths_B)[:count],
-                       logprobs=np.asarray(state.logprobs_BT)[:count])
+    return Completions(tokens=_to_host(state.tokens_BT)[:count],
+                       lengths=_to_host(state.lengths_B)[:count],
+                       logprobs=_to_host(state.logprobs_BT)[:count])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host: rows split over several processes are gathered first
+    (every process called `generate` with the same prompts, so each gets every row)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

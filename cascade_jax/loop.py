@@ -29,6 +29,7 @@ from cascade_jax.steps import Batch, Metrics, TrainState
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvaluateFn = Callable[[Any], dict[str, float]]
 HostBatch = dict[str, np.ndarray]
+PrepareFn = Callable[[TrainState, HostBatch], HostBatch]
 
 
 def summarize(totals: dict[str, float]) -> dict[str, float]:
@@ -107,12 +108,15 @@ def fit(step_fn: StepFn, state: TrainState, batches: Iterator[HostBatch], *, mes
         total_steps: int, writer: MetricWriter, log_every: int = 10, eval_every: int = 0,
         evaluate_fn: EvaluateFn | None = None, checkpoint_every: int = 0,
         save_fn: Callable[[int, TrainState, int], None] | None = None,
-        tokens_seen: int = 0, progress: bool = True) -> tuple[TrainState, int]:
+        tokens_seen: int = 0, progress: bool = True,
+        prepare_batch: PrepareFn | None = None) -> tuple[TrainState, int]:
     """Run steps until `state.step == total_steps`; returns (state, tokens seen).
 
     Metrics are fetched one step late, so the host never waits for the device between steps.
     `save_fn(step, state, tokens_seen)` runs every `checkpoint_every` steps and at the end;
-    `evaluate_fn(params)` every `eval_every` steps and at the end.
+    `evaluate_fn(params)` every `eval_every` steps and at the end; `prepare_batch(state,
+    batch)` (on-policy objectives) turns each host batch into the one trained on, given the
+    state about to be updated.
     """
     start = int(jax.device_get(state.step))
     bar = tqdm.tqdm(total=total_steps, initial=start, disable=not progress or
@@ -141,6 +145,8 @@ def fit(step_fn: StepFn, state: TrainState, batches: Iterator[HostBatch], *, mes
 
     for step in range(start + 1, total_steps + 1):
         batch = next(batches)
+        if prepare_batch is not None:
+            batch = prepare_batch(state, batch)
         n_tokens = counted_tokens(batch) * jax.process_count()
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
         tokens_seen += n_tokens
@@ -173,7 +179,8 @@ def fit_with_checkpoints(workdir: str, *, step_fn: StepFn, abstract_state: Train
                          evaluate_fn: EvaluateFn | None, metadata: dict[str, Any],
                          log_every: int = 10, eval_every: int = 0, checkpoint_every: int = 0,
                          keep_checkpoints: int = 2, save_initial: bool = False,
-                         progress: bool = True) -> tuple[TrainState, int]:
+                         progress: bool = True, prepare_batch: PrepareFn | None = None
+                         ) -> tuple[TrainState, int]:
     """`fit` that resumes from, and saves to, `workdir/checkpoints` (state + data position).
 
     Resuming restores into `abstract_state` (ShapeDtypeStructs carrying the shardings), so a
@@ -204,7 +211,8 @@ def fit_with_checkpoints(workdir: str, *, step_fn: StepFn, abstract_state: Train
             return fit(step_fn, state, batches, mesh=mesh, total_steps=total_steps,
                        writer=writer, log_every=log_every, eval_every=eval_every,
                        evaluate_fn=evaluate_fn, checkpoint_every=checkpoint_every,
-                       save_fn=save_fn, tokens_seen=tokens_seen, progress=progress)
+                       save_fn=save_fn, tokens_seen=tokens_seen, progress=progress,
+                       prepare_batch=prepare_batch)
 
 
 def code_revision() -> str:

@@ -49,3 +49,29 @@ def plot_layer_importance(importance: Importance, ax: Axes | None = None) -> Fig
     lines = ax.get_lines() + twin.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="best")
     return fig
+
+
+def plot_task_accuracy(results: list[dict], ax: Axes | None = None) -> Figure:
+    """Task accuracy by generation per stage (greedy pass@1 on held-out problems, and on the
+    harder split where there is one), one group of bars per stage, baselines hatched."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(results)), 3.8), layout="constrained")
+    else:
+        fig = ax.figure
+    series = [name for name in ("pass@1", "pass@1_harder") if any(name in r for r in results)]
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(results))
+    for i, name in enumerate(series):
+        values = [r.get(name, np.nan) for r in results]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width,
+                      label="held-out" if name == "pass@1" else "harder")
+        for bar, r in zip(bars, results, strict=True):
+            if r.get("baseline"):
+                bar.set_hatch("//")
+    ax.set_xticks(x, [r["stage"] for r in results], rotation=30, ha="right", fontsize="small")
+    ax.set(ylabel="greedy pass@1", ylim=(0, 1), title="task accuracy by generation "
+           "(hatched: baselines)")
+    ax.legend(fontsize="small")
+    return fig

@@ -21,6 +21,7 @@ to stop without its answer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,6 +91,34 @@ def _encode(tokenizer: tokenizers.Tokenizer, texts: list[str], *, template: bool
                          f"data.tokenizer={CHARS!r})") from None
 
 
+def encode_prompts(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Prompts as a model sees them before its completion: the tokenizer's template (a Llama
+    tokenizer's BOS), without the EOS a template may append (the completion follows)."""
+    eos = data.eos_id(tokenizer)
+    encoded = _encode(tokenizer, list(texts), template=True)
+    return [np.asarray(p[:-1] if p and p[-1] == eos else p, np.int32) for p in encoded]
+
+
+def encode_completions(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]
+                       ) -> list[np.ndarray]:
+    """Completions as they follow a prompt: no template (no BOS), no EOS yet."""
+    return [np.asarray(ids, np.int32) for ids in _encode(tokenizer, list(texts), template=False)]
+
+
+def decode_completions(tokenizer: tokenizers.Tokenizer, tokens_RT: np.ndarray,
+                       lengths_R: np.ndarray) -> list[str]:
+    """The text of sampled completions (`generate.Completions` rows), each cut before its
+    first EOS: what a verifier judges."""
+    eos = data.eos_id(tokenizer)
+    out = []
+    for row, length in zip(np.asarray(tokens_RT), np.asarray(lengths_R), strict=True):
+        ids = row[:int(length)].tolist()
+        if eos is not None and eos in ids:
+            ids = ids[:ids.index(eos)]
+        out.append(tokenizer.decode(ids))
+    return out
+
+
 def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: tokenizers.Tokenizer
                  ) -> TokenPairs:
     """Tokenize (prompt, completion) texts with the run's tokenizer. The prompt gets the
@@ -100,9 +129,8 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: tokenizers.Tokeniz
         raise ValueError(f"the tokenizer has no end-of-text token (none of "
                          f"{list(data.EOS_CANDIDATES)}); completions must end in one, so the "
                          "model learns to stop")
-    prompts = _encode(tokenizer, [p for p, _ in pairs], template=True)
-    prompts = [p[:-1] if p and p[-1] == eos else p for p in prompts]
-    return token_pairs(prompts, _encode(tokenizer, [c for _, c in pairs], template=False),
+    prompts = encode_prompts(tokenizer, [p for p, _ in pairs])
+    return token_pairs(prompts, encode_completions(tokenizer, [c for _, c in pairs]),
                        eos_id=eos)
 
 
@@ -123,6 +151,71 @@ def pair_dataset(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
                               batch_size=batch_size, seed=seed, extra=(LOSS_MASK,),
                               shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
                               shard_count=shard_count)
+
+
+def _pair_row(example: dict[str, np.ndarray], *, seq_len: int) -> dict[str, np.ndarray]:
+    """One pair alone in a row of `seq_len`: the batch contract (`segment_ids` 1 on the pair,
+    `positions` from 0) with its `loss_mask`, padding after it."""
+    n = example["tokens"].size
+    pad = (0, seq_len - n)
+    return {"tokens": np.pad(example["tokens"], pad),
+            "segment_ids": np.pad(np.ones(n, np.int32), pad),
+            "positions": np.pad(np.arange(n, dtype=np.int32), pad),
+            LOSS_MASK: np.pad(example[LOSS_MASK], pad)}
+
+
+def pair_rows(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
+              shard_index: int | None = None, shard_count: int | None = None
+              ) -> grain.IterDataset:
+    """Endless shuffled [batch_size, seq_len] batches with *one pair per row* (not packed):
+    what objectives that replace a row's completion by a sampled one need (on-policy
+    distillation, rollouts), since every row then has one prompt at its start and the batch
+    always holds `batch_size` prompts (one compiled sampler). `batch_size` is rows per host;
+    hosts read disjoint pairs; the iterator's position is checkpointable like `pair_dataset`'s.
+    """
+    data._check_rows(seq_len, batch_size)
+    lengths = pairs.lengths()
+    if (lengths > seq_len).any():
+        raise ValueError(f"{int((lengths > seq_len).sum())} of {len(pairs)} prompt/completion "
+                         f"pairs are longer than seq_len={seq_len} (the longest has "
+                         f"{int(lengths.max())} tokens); raise seq_len or drop them")
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    examples = grain.MapDataset.source(pairs)[shard_index::shard_count]
+    if len(examples) == 0:
+        raise ValueError(f"no pairs for host {shard_index} of {shard_count}: {len(pairs)} pairs "
+                         "in all; give more problems or run on fewer hosts")
+    return (examples.shuffle(seed).repeat(None)
+            .map(functools.partial(_pair_row, seq_len=seq_len))
+            .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            .batch(batch_size, drop_remainder=True))
+
+
+def row_prompts(batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The prompt at the start of each row of a `pair_rows` batch (its tokens before the
+    first completion token)."""
+    mask_BL, tokens_BL = np.asarray(batch[LOSS_MASK]), np.asarray(batch["tokens"])
+    starts = np.argmax(mask_BL != 0, axis=1)
+    if not (mask_BL != 0).any(axis=1).all() or (starts == 0).any():
+        raise ValueError("a row has no prompt followed by a completion; row_prompts reads "
+                         "batches made by prompts.pair_rows")
+    return [tokens_BL[r, :start] for r, start in enumerate(starts)]
+
+
+def completion_rows(prompts_R: Sequence[np.ndarray], completions_RT: np.ndarray,
+                    lengths_R: np.ndarray, *, seq_len: int) -> dict[str, np.ndarray]:
+    """A `pair_rows`-shaped batch from prompts and their sampled completions
+    (`generate.Completions`): one pair per row, the loss mask on the completion, which keeps
+    its stop token when it sampled one (and has none when it ran out of tokens)."""
+    rows = [_pair_row({"tokens": np.concatenate([p, c[:int(n)]]).astype(np.int32),
+                       LOSS_MASK: np.concatenate([np.zeros(p.size, np.int32),
+                                                  np.ones(int(n), np.int32)])},
+                      seq_len=seq_len)
+            for p, c, n in zip(prompts_R, np.asarray(completions_RT), np.asarray(lengths_R),
+                               strict=True)]
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
 
 
 def completion_unigram_loss(train: TokenPairs, validation: TokenPairs, vocab_size: int
@@ -163,7 +256,8 @@ def task_datasets(task: tasks.Task, tokenizer: tokenizers.Tokenizer, *, seq_len:
 # ------------------------------------------------------------------------ the config block
 
 
-_DATA_FIELDS = ("n_train", "n_validation", "answers_only")
+_DATA_FIELDS = ("n_train", "n_validation", "answers_only", "eval_problems", "eval_samples",
+                "eval_temperature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,13 +271,20 @@ class TaskConfig:
         config.task = dict(kind='jsonl', path='mine.jsonl', answer_pattern=r'#(\\S+)\\s*$',
                            n_train=None, n_validation=None)      # None: the whole split
 
-    `kind` picks the task (`tasks.KINDS`); its other fields are the task's own.
+    `kind` picks the task (`tasks.KINDS`); its other fields are the task's own. Every model
+    of the run is also scored by generation (`evaluate.task_scores`) on `eval_problems`
+    held-out problems of each evaluation split ('validation', and 'harder' where the task has
+    it): greedy pass@1 always, maj@k / pass@k with `eval_samples` = k > 1 drawn at
+    `eval_temperature`.
     """
 
     task: tasks.Task
     n_train: int | None = 20_000
     n_validation: int | None = 512
     answers_only: bool = False
+    eval_problems: int | None = 256
+    eval_samples: int = 1
+    eval_temperature: float = 1.0
     key: str = dataclasses.field(default="config.task", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +293,15 @@ class TaskConfig:
         validate.optional_positive_int(f"{k}.n_validation", self.n_validation,
                                        "or None: the whole split")
         validate.boolean(f"{k}.answers_only", self.answers_only)
+        validate.optional_positive_int(f"{k}.eval_problems", self.eval_problems,
+                                       "or None: the whole split")
+        validate.positive_int(f"{k}.eval_samples", self.eval_samples)
+        validate.number(f"{k}.eval_temperature", self.eval_temperature, low=0.0,
+                        hint="0 is greedy")
+
+    def eval_splits(self) -> tuple[str, ...]:
+        """The splits models are scored on by generation."""
+        return tuple(s for s in (tasks.VALIDATION, tasks.HARDER) if s in self.task.splits)
 
     @classmethod
     def from_block(cls, block: Mapping[str, Any], key: str = "config.task") -> TaskConfig:

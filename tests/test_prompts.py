@@ -234,7 +234,7 @@ def task_config(workdir: str = "", **task) -> ml_collections.ConfigDict:
                   steps=3, optim=dict(lr=3e-3, warmup_steps=1)),
         data=dict(source="task", tokenizer="chars", seq_len=32, batch_size=8),
         task=dict(kind="chain_arithmetic", min_steps=1, max_steps=2, n_train=64,
-                  n_validation=16) | task,
+                  n_validation=16, eval_problems=8) | task,
         mesh=dict(data=-1),
         stage_order=("child",),
         stages=dict(child=dict(parent="root", teacher="root", init="pruned",

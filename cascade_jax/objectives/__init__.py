@@ -4,8 +4,10 @@
     objectives.register(MyObjective())         # a new one: its module, this line, its tests
 
 Built in: `ce` (next-token cross-entropy on the run's data), `kd` (soft-label distillation
-from the stage's teacher, the fused loss of `cascade_jax.distill`) and `sft` (cross-entropy on
-the completions of the run's task). See `objectives.base` for the contract; `cascade.py` never
+from the stage's teacher, the fused loss of `cascade_jax.distill`), `sft` (cross-entropy on
+the completions of the run's task), `seq_kd` (cross-entropy on the teacher's sampled,
+optionally verified completions) and `on_policy` (GKD: the fused KD loss on sequences the
+student samples during training). See `objectives.base` for the contract; `cascade.py` never
 branches on an objective.
 """
 
@@ -46,11 +48,13 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from cascade_jax.objectives import ce, kd, sft
+    from cascade_jax.objectives import ce, kd, on_policy, seq_kd, sft
 
     register(ce.CrossEntropy())
     register(kd.SoftLabelKD())
     register(sft.SupervisedFineTuning())
+    register(seq_kd.SequenceKD())
+    register(on_policy.OnPolicyKD())
 
 
 _register_builtins()

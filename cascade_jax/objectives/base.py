@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 import optax
@@ -21,6 +21,13 @@ from jax.sharding import Mesh
 from cascade_jax import model, tasks
 from cascade_jax.config import ModelConfig
 from cascade_jax.steps import Batch, Metrics, TrainState
+
+if TYPE_CHECKING:  # data pulls in grain; importing an objective must not
+    import tokenizers
+
+    from cascade_jax.data import DataConfig
+
+HostBatch = dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -43,6 +50,9 @@ class StageContext:
     batches, or prompt/completion batches with a `loss_mask` when the run has a `task` (the
     `config.task` block; its problems and verifier are there for objectives that generate);
     `settings` is what the objective's own `parse_settings` returned for this stage.
+    Objectives that make their own data (teacher samples, rollouts) also get the stage's
+    `directory` (to keep that data next to its checkpoints), the run's `tokenizer`, its
+    `data` config (row shape, global batch) and `seed`.
     """
 
     stage_name: str
@@ -56,6 +66,10 @@ class StageContext:
     grad_accum: int
     train_batches: Callable[[], Iterator[dict[str, Any]]]
     task: tasks.Task | None = None
+    directory: str = ""
+    tokenizer: tokenizers.Tokenizer | None = None
+    data: DataConfig | None = None
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +82,10 @@ class Built:
     batches: the iterator the step consumes; its position is checkpointed with the state.
     model_params: state params -> the child's decoder params (what the next stage prunes).
     lineage: extra metadata saved with every checkpoint of the stage.
+    prepare_batch: `(state, host batch) -> host batch`, run by the loop before each step on
+      the current state: where an objective replaces the data by what a model generates
+      now (on-policy distillation, rollouts). It must depend only on the state and the batch
+      (its randomness keyed by `state.step`), so a resumed run prepares the same batches.
     """
 
     step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
@@ -76,6 +94,7 @@ class Built:
     batches: Iterator[dict[str, Any]]
     model_params: Callable[[Any], model.Params] = lambda params: params
     lineage: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    prepare_batch: Callable[[TrainState, HostBatch], HostBatch] | None = None
 
 
 class Objective(Protocol):

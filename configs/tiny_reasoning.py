@@ -1,0 +1,108 @@
+"""The tiny reasoning cascade (the README's second main job): does a teacher's *reasoning*
+transfer to a pruned child, and which kind of distillation carries it best?
+
+A ~1M-parameter root learns the built-in verifiable task (chained single-digit arithmetic
+mod 10 with step-by-step traces, `cascade_jax.tasks.ChainArithmetic`, character tokens) by
+`sft`. One pruned child is then trained five ways, each on the same number of steps and rows
+(equal steps; tokens differ because completions differ in length: the `tokens` column says
+how many each counted), from the same pruned weights:
+
+  child_kd              soft labels: the teacher's distribution on the task's reference traces
+  child_seq_kd          hard labels: the teacher's own sampled traces, verifier-correct only
+                        (R1-style rejection sampling)
+  child_seq_kd_answers  the same samples with the traces stripped (final answers only)
+  child_on_policy       GKD: half the steps on the student's own samples, graded by the
+                        teacher token by token (generalized JSD, β = 0.5)
+  child_pruned_sft      baseline: the pruned child on the reference traces, no teacher
+  child_random_sft      baseline: the child's shape from random init, no teacher
+
+then a grandchild from `child_kd` by `kd`. Every model is scored by generation: greedy pass@1
+on held-out 2–4-step problems and on the harder 5–6-step split (`task_accuracy.png`).
+
+    python -m experiments.cascade --config configs/tiny_reasoning.py
+    python -m experiments.cascade --config configs/tiny_reasoning.py:quick   # CI smoke run
+
+`:quick` (the argument of `get_config`) shrinks every stage to a few steps and few samples:
+it proves the pipeline, not the figures (the README's come from the full run).
+"""
+
+import ml_collections
+
+ROOT_STEPS = 1200
+STAGE_STEPS = 300
+CHILD = dict(n_layers=3, d_ff=384)
+GRANDCHILD = dict(n_layers=2, d_model=96, d_ff=256)
+
+# The settings block of each objective (`stages.<name>.<objective>`), validated by it.
+OBJECTIVE_SETTINGS = {
+    "kd": dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=64),
+    "sft": {},
+    "seq_kd": dict(samples_per_prompt=2, prompts=2048, temperature=1.0, keep="correct"),
+    "on_policy": dict(kind="jsd", beta=0.5, student_fraction=0.5, off_policy="data",
+                      sample_temperature=1.0, chunk_size=64),
+}
+
+
+def _stage(objective: str, **fields) -> dict:
+    stage = dict(
+        parent="root", teacher="root", init="pruned", objective=objective,
+        target=dict(CHILD), depth_method="block_influence", head_method="within_group",
+        hidden_method="channel", steps=STAGE_STEPS,
+        optim=dict(lr=2e-3, warmup_steps=30, min_lr_ratio=0.1), calib_batches=4, grad_accum=1,
+        baseline=False)
+    stage[objective] = dict(OBJECTIVE_SETTINGS[objective])
+    for name, value in fields.items():
+        stage[name] = {**stage[name], **value} if isinstance(value, dict) else value
+    return stage
+
+
+def get_config(mode: str = "") -> ml_collections.ConfigDict:
+    if mode not in ("", "quick"):
+        raise ValueError(f"configs/tiny_reasoning.py:{mode}: the only mode is ':quick'")
+    quick = mode == "quick"
+    config = ml_collections.ConfigDict()
+    config.workdir = "runs/tiny_reasoning_quick" if quick else "runs/tiny_reasoning"
+    config.seed = 0
+
+    config.task = dict(kind="chain_arithmetic", min_steps=2, max_steps=4, harder_steps=2,
+                       n_train=50_000, n_validation=256, eval_problems=256, eval_samples=1)
+    config.root = dict(
+        kind="scratch", path="",
+        model=dict(vocab_size=20, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                   head_dim=32, d_ff=512, rope_theta=10000.0, norm_eps=1e-5,
+                   tie_embeddings=True, max_seq_len=64, dtype="float32",
+                   param_dtype="float32"),
+        steps=ROOT_STEPS, optim=dict(lr=3e-3, warmup_steps=100, min_lr_ratio=0.1))
+    config.data = dict(source="task", tokenizer="chars", seq_len=64, batch_size=32,
+                       cache_dir="")
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+    stages = dict(
+        child_kd=_stage("kd"),
+        child_seq_kd=_stage("seq_kd"),
+        child_seq_kd_answers=_stage("seq_kd", seq_kd=dict(answers_only=True)),
+        child_on_policy=_stage("on_policy"),
+        child_pruned_sft=_stage("sft", baseline=True),
+        child_random_sft=_stage("sft", init="random", baseline=True),
+        grandchild=_stage("kd", parent="child_kd", teacher="child_kd", target=GRANDCHILD),
+    )
+    if quick:
+        config.root["steps"] = 40
+        config.root["optim"]["warmup_steps"] = 5
+        for stage in stages.values():
+            stage["steps"] = 6
+            stage["optim"]["warmup_steps"] = 2
+            stage["calib_batches"] = 1
+        for name in ("child_seq_kd", "child_seq_kd_answers"):
+            stages[name]["seq_kd"].update(prompts=64, keep="all")
+        config.task.update(n_train=2000, n_validation=64, eval_problems=32)
+    config.stage_order = tuple(stages)
+    config.stages = stages
+
+    config.log_every = 25
+    config.eval_every = 0 if quick else 100
+    config.eval_batches = 4
+    config.eval_micro_batches = 1
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 2
+    return ml_collections.ConfigDict(config)
