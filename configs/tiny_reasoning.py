@@ -3,14 +3,16 @@ transfer to a pruned child, and which kind of distillation carries it best?
 
 A ~1M-parameter root learns the built-in verifiable task (chained single-digit arithmetic
 mod 10 with step-by-step traces, `cascade_jax.tasks.ChainArithmetic`, character tokens) by
-`sft`. One pruned child is then trained five ways, each on the same number of steps and rows
-(equal steps; tokens differ because completions differ in length: the `tokens` column says
-how many each counted), from the same pruned weights:
+`sft`. One pruned child is then trained five ways from the same pruned weights, each on about
+the same number of completion tokens (≈ 0.1M, 7% of the root's: distillation budgets are a
+small fraction of pre-training, Minitron arXiv 2407.14679). Steps differ so tokens match:
+an answers-only row packs fewer completion tokens, and `on_policy` keeps one pair per row.
+The `tokens` column says what each counted:
 
   child_kd              soft labels: the teacher's distribution on the task's reference traces
   child_seq_kd          hard labels: the teacher's own sampled traces, verifier-correct only
                         (R1-style rejection sampling)
-  child_seq_kd_answers  the same samples with the traces stripped (final answers only)
+  child_seq_kd_answers  the same kind of samples with the traces stripped (final answers only)
   child_on_policy       GKD: half the steps on the student's own samples, graded by the
                         teacher token by token (generalized JSD, β = 0.5)
   child_pruned_sft      baseline: the pruned child on the reference traces, no teacher
@@ -28,8 +30,11 @@ it proves the pipeline, not the figures (the README's come from the full run).
 
 import ml_collections
 
-ROOT_STEPS = 1200
-STAGE_STEPS = 300
+ROOT_STEPS = 800
+STAGE_STEPS = 80  # ≈ 1300 completion tokens per step of packed traces
+# completion tokens per step relative to packed traces (measured: answers-only rows 0.41,
+# one pair per row 0.51), so these stages get more steps for the same tokens
+STEPS_FOR_EQUAL_TOKENS = {"answers_only": 195, "one_pair_per_row": 155}
 CHILD = dict(n_layers=3, d_ff=384)
 GRANDCHILD = dict(n_layers=2, d_model=96, d_ff=256)
 
@@ -48,7 +53,7 @@ def _stage(objective: str, **fields) -> dict:
         parent="root", teacher="root", init="pruned", objective=objective,
         target=dict(CHILD), depth_method="block_influence", head_method="within_group",
         hidden_method="channel", steps=STAGE_STEPS,
-        optim=dict(lr=2e-3, warmup_steps=30, min_lr_ratio=0.1), calib_batches=4, grad_accum=1,
+        optim=dict(lr=2e-3, warmup_steps=10, min_lr_ratio=0.1), calib_batches=4, grad_accum=1,
         baseline=False)
     stage[objective] = dict(OBJECTIVE_SETTINGS[objective])
     for name, value in fields.items():
@@ -80,8 +85,9 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
     stages = dict(
         child_kd=_stage("kd"),
         child_seq_kd=_stage("seq_kd"),
-        child_seq_kd_answers=_stage("seq_kd", seq_kd=dict(answers_only=True)),
-        child_on_policy=_stage("on_policy"),
+        child_seq_kd_answers=_stage("seq_kd", seq_kd=dict(answers_only=True, prompts=4096),
+                                    steps=STEPS_FOR_EQUAL_TOKENS["answers_only"]),
+        child_on_policy=_stage("on_policy", steps=STEPS_FOR_EQUAL_TOKENS["one_pair_per_row"]),
         child_pruned_sft=_stage("sft", baseline=True),
         child_random_sft=_stage("sft", init="random", baseline=True),
         grandchild=_stage("kd", parent="child_kd", teacher="child_kd", target=GRANDCHILD),
@@ -100,7 +106,7 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
     config.stages = stages
 
     config.log_every = 25
-    config.eval_every = 0 if quick else 100
+    config.eval_every = 0 if quick else 40
     config.eval_batches = 4
     config.eval_micro_batches = 1
     config.checkpoint_every = 100

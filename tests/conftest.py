@@ -8,6 +8,7 @@ on device 0.
 import hashlib
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -15,6 +16,15 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole session, shared by the xdist workers (they inherit
+# the controller's environment) and by the jobs tests start in subprocesses: the suite
+# compiles the same tiny steps many times (every resumed or restarted run, every notebook), and
+# a cache hit skips XLA's compile, the slow part of CPU tests. A fresh directory per session,
+# so no run depends on an earlier one; entries are keyed by the computation, flags and jax
+# version, so a hit runs exactly the executable a fresh compile would produce.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cascade_jax_xla_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,15 @@ verified), `on_policy` (GKD) batches and steps, and both objectives as cascade s
 
 import json
 import os
+import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from cascade_jax import (
+    cascade,
     data,
     evaluate,
     generate,
@@ -22,6 +25,7 @@ from cascade_jax import (
 )
 from cascade_jax.config import ModelConfig
 from cascade_jax.objectives import StageContext, Trained
+from tests.test_prompts import task_config
 
 TASK = tasks.ChainArithmetic(min_steps=1, max_steps=2)
 TOKENIZER = tasks.char_tokenizer(TASK.alphabet)
@@ -228,3 +232,53 @@ def test_on_policy_samples_the_student_into_rows_and_compiles_its_sampler_once()
         assert np.isfinite(float(metrics["loss_sum"]))
         assert float(metrics["count"]) == prepared["loss_mask"].sum()  # completions only
     assert compiled == 1  # one bucket: the sampler compiled at the first step only
+
+
+# ------------------------------------------------- both objectives as stages, and a restart
+
+
+def _reasoning_cascade(workdir) -> ml_collections.ConfigDict:
+    config = task_config(str(workdir))
+    child = {k: v for k, v in config.stages.child.to_dict().items() if k != "sft"}
+    config.stages = dict(
+        child_seq_kd={**child, "objective": "seq_kd", "steps": 4,
+                      "seq_kd": dict(samples_per_prompt=2, prompts=12, keep="all",
+                                     prompts_per_part=8)},
+        child_gkd={**child, "objective": "on_policy", "steps": 4,
+                   "on_policy": dict(kind="jsd", beta=0.5, student_fraction=1.0, prompts=32,
+                                     chunk_size=16)})
+    config.stage_order = ("child_seq_kd", "child_gkd")
+    config.checkpoint_every = 2
+    config.keep_checkpoints = 2
+    return config
+
+
+def test_seq_kd_and_on_policy_stages_run_and_resume_from_a_checkpoint_to_the_same_model(
+        tmp_path):
+    config = _reasoning_cascade(tmp_path)
+    whole = cascade.run(config, progress=False)
+    assert [r["stage"] for r in whole] == ["root", "child_seq_kd", "child_gkd"]
+    for r in whole:  # scores by generation joined the table
+        assert {"pass@1", "well_formed", "length", "pass@1_harder"} <= set(r)
+    assert "pass@1_harder" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "task_accuracy.png").exists()
+    manifest = json.loads((tmp_path / "child_seq_kd" / "teacher_data" /
+                           "manifest.json").read_text())
+    assert manifest["rows"] == 24 and manifest["parts"] == 2
+    stage = json.loads((tmp_path / "child_gkd" / "stage.json").read_text())
+    assert stage["objective"] == "on_policy"
+
+    # the state a kill after the step-2 checkpoint leaves: no step 4, no result
+    mesh = sharding.make_mesh(data=-1)
+    stage_dir = tmp_path / "child_gkd"
+    _, uninterrupted = cascade.load_checkpoint_model(str(stage_dir / "checkpoints"), mesh)
+    uninterrupted = jax.device_get(uninterrupted)
+    shutil.rmtree(stage_dir / "checkpoints" / "4")
+    (stage_dir / "result.json").unlink()
+    resumed = cascade.run(config, progress=False)
+    _, params = cascade.load_checkpoint_model(str(stage_dir / "checkpoints"), mesh)
+    # steps 3 and 4 sampled again from the restored state: the same rollouts, the same model
+    jax.tree.map(np.testing.assert_array_equal, uninterrupted, jax.device_get(params))
+    for x, y in zip(whole, resumed, strict=True):
+        assert {k: v for k, v in x.items() if k not in ("wall_s", "fingerprint")} == {
+            k: v for k, v in y.items() if k not in ("wall_s", "fingerprint")}

@@ -36,7 +36,8 @@ class Settings:
     max_new_tokens: the teacher's sampling (None tokens: the row length minus the longest
     prompt). keep: 'all' | 'correct' (rejection sampling) | 'well_formed'. answers_only:
     train on the final answer lines only. source: a JSONL file of an external teacher's
-    `{"prompt", "completion"}` outputs ('' = sample the stage's teacher)."""
+    `{"prompt", "completion"}` outputs, or another stage's `teacher_data` directory ('' =
+    sample the stage's teacher)."""
 
     samples_per_prompt: int = 1
     prompts: int | None = 2000
@@ -60,9 +61,10 @@ class Settings:
         validate.boolean("answers_only", self.answers_only)
         validate.string("source", self.source, hint="'' samples the teacher; or a .jsonl path")
         validate.positive_int("prompts_per_part", self.prompts_per_part)
-        if self.source and not os.path.isfile(self.source):
-            raise ValueError(f"source={self.source!r} is not a file; give a JSONL file of "
-                             "teacher outputs, or '' to sample the stage's teacher")
+        if self.source and not os.path.exists(self.source):
+            raise ValueError(f"source={self.source!r} does not exist; give a JSONL file of "
+                             "teacher outputs (or another stage's teacher_data directory), "
+                             "or '' to sample the stage's teacher")
         generate.SamplingParams(1, temperature=self.temperature, top_p=self.top_p)  # checks
 
 
