@@ -6,9 +6,11 @@
 Built in: `ce` (next-token cross-entropy on the run's data), `kd` (soft-label distillation
 from the stage's teacher, the fused loss of `cascade_jax.distill`), `sft` (cross-entropy on
 the completions of the run's task), `seq_kd` (cross-entropy on the teacher's sampled,
-optionally verified completions) and `on_policy` (GKD: the fused KD loss on sequences the
-student samples during training). See `objectives.base` for the contract; `cascade.py` never
-branches on an objective.
+optionally verified completions), `on_policy` (GKD: the fused KD loss on sequences the
+student samples during training), `grpo` (group-relative policy optimisation on the task's
+verifier or a teacher's per-token log-probs) and `preference` (online / offline / offset
+DPO against the stage's frozen starting params). See `objectives.base` for the contract;
+`cascade.py` never branches on an objective.
 """
 
 from __future__ import annotations
@@ -48,13 +50,15 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from cascade_jax.objectives import ce, kd, on_policy, seq_kd, sft
+    from cascade_jax.objectives import ce, grpo, kd, on_policy, preference, seq_kd, sft
 
     register(ce.CrossEntropy())
     register(kd.SoftLabelKD())
     register(sft.SupervisedFineTuning())
     register(seq_kd.SequenceKD())
     register(on_policy.OnPolicyKD())
+    register(grpo.GRPO())
+    register(preference.Preference())
 
 
 _register_builtins()

@@ -234,7 +234,9 @@ def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
     (never the sampler's, so no sampler/trainer mismatch enters the ratio); None means
     on-policy (μ = 1): `stop_gradient(logprobs_BL)`, ratio 1. ref_logprobs_BL: the frozen
     reference's, needed only when `spec.kl_beta > 0`. Old and reference log-probs enter
-    under `stop_gradient`. weights_BL: 1 on counted (completion) tokens, times
+    under `stop_gradient`. advantages_B: [B], one per sequence (GRPO), or [B, L], one per
+    token (on-policy distillation's per-token reward, Thinking Machines 2025: each sampled
+    token's own reverse-KL estimate). weights_BL: 1 on counted (completion) tokens, times
     `Advantages.keep` when equal groups are skipped. group_size: for 'group_token'.
 
     Metrics (means over counted tokens, under stop_gradient; `count` = counted tokens):
@@ -252,9 +254,10 @@ def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
         shapes["ref_logprobs"] = ref_logprobs_BL.shape
     if len(set(shapes.values())) != 1 or len(logprobs_BL.shape) != 2:
         raise ValueError(f"token arrays must share one [B, L] shape; got {shapes}")
-    if advantages_B.shape != logprobs_BL.shape[:1]:
+    if advantages_B.shape not in (logprobs_BL.shape[:1], logprobs_BL.shape):
         raise ValueError(f"advantages {advantages_B.shape} must be [B] = "
-                         f"{logprobs_BL.shape[:1]}, one per row (sequence)")
+                         f"{logprobs_BL.shape[:1]}, one per row (sequence), or [B, L] = "
+                         f"{logprobs_BL.shape}, one per token")
     if spec.kl_beta > 0 and ref_logprobs_BL is None:
         raise ValueError(f"kl_beta={spec.kl_beta} needs ref_logprobs_BL (the frozen "
                          "reference's log-probs); pass them, or set kl_beta=0")
@@ -262,7 +265,9 @@ def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
     logp_BL = logprobs_BL.astype(jnp.float32)
     old_BL = logp_BL if old_logprobs_BL is None else old_logprobs_BL.astype(jnp.float32)
     old_BL = jax.lax.stop_gradient(old_BL)
-    adv_B1 = jax.lax.stop_gradient(advantages_B.astype(jnp.float32))[:, None]
+    adv_B1 = jax.lax.stop_gradient(advantages_B.astype(jnp.float32))
+    if adv_B1.ndim == 1:
+        adv_B1 = adv_B1[:, None]  # [B, 1], or [B, L] per-token advantages as given
     w_BL = weights_BL.astype(jnp.float32)
 
     counted_BL = w_BL > 0
