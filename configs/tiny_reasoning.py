@@ -18,7 +18,10 @@ The `tokens` column says what each counted:
   child_pruned_sft      baseline: the pruned child on the reference traces, no teacher
   child_random_sft      baseline: the child's shape from random init, no teacher
 
-then a grandchild from `child_kd` by `kd`. Every model is scored by generation: greedy pass@1
+then a grandchild from `child_kd` by `kd`, and each distilled size (child_kd, grandchild) in
+Ministral 3's three variants: the base (as distilled), `<size>_instruct` (online DPO judged
+by the task's verifier) and `<size>_reasoning` (GRPO with Magistral's settings, then online
+DPO; `<size>_reasoning_grpo` is its first half). Every model is scored by generation: greedy pass@1
 on held-out 2–4-step problems and on the harder 5–6-step split (`task_accuracy.png`).
 
     python -m experiments.cascade --config configs/tiny_reasoning.py
@@ -45,7 +48,27 @@ OBJECTIVE_SETTINGS = {
     "seq_kd": dict(samples_per_prompt=2, prompts=2048, temperature=1.0, keep="correct"),
     "on_policy": dict(kind="jsd", beta=0.5, student_fraction=0.5, off_policy="data",
                       sample_temperature=1.0, chunk_size=64),
+    # post-training variants (Ministral 3's instruct and reasoning recipes, at our scale)
+    "preference": dict(loss="dpo", beta=0.1, samples_per_prompt=2, judge="verifier",
+                       sample_temperature=1.0, chunk_size=64),
+    "grpo": dict(preset="magistral", group_size=8, sample_temperature=1.0, chunk_size=64),
 }
+POSTTRAIN_STEPS = 40
+POSTTRAIN_OPTIM = dict(lr=3e-4, warmup_steps=5, min_lr_ratio=0.1)
+
+
+def _variants(size: str) -> dict:
+    """`<size>_instruct` (online DPO judged by the verifier) and `<size>_reasoning` (GRPO,
+    Magistral's settings, then online DPO), each starting from the distilled `<size>` as is."""
+    def posttrain(objective: str, parent: str) -> dict:
+        stage = _stage(objective, parent=parent, teacher=parent, init="parent",
+                       steps=POSTTRAIN_STEPS, optim=dict(POSTTRAIN_OPTIM))
+        stage["target"] = {}  # the parent's shape, unchanged
+        return stage
+
+    return {f"{size}_instruct": posttrain("preference", size),
+            f"{size}_reasoning_grpo": posttrain("grpo", size),
+            f"{size}_reasoning": posttrain("preference", f"{size}_reasoning_grpo")}
 
 
 def _stage(objective: str, **fields) -> dict:
@@ -91,6 +114,8 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
         child_pruned_sft=_stage("sft", baseline=True),
         child_random_sft=_stage("sft", init="random", baseline=True),
         grandchild=_stage("kd", parent="child_kd", teacher="child_kd", target=GRANDCHILD),
+        **_variants("child_kd"),
+        **_variants("grandchild"),
     )
     if quick:
         config.root["steps"] = 40
