@@ -3,9 +3,10 @@
 The kernel is launched from a throwaway kernelspec that names `sys.executable`, so a `python3`
 kernelspec elsewhere on the machine (say in ~/.local/share/jupyter) cannot substitute another
 Python; a probe cell appended to each notebook checks the kernel's `sys.prefix`. The kernel
-inherits this process's environment (tests/conftest.py: 8 virtual CPU devices, CPU only) plus
-PYTHONPATH = the checkout, runs in a temporary directory, and shares the data cache
-($CASCADE_JAX_CACHE or ~/.cache/cascade_jax), so the built-in tokenizer is trained at most once.
+inherits this process's environment (tests/conftest.py: CPU only, the shared compilation
+cache) minus the 8 virtual devices (one device, as on Colab), plus PYTHONPATH = the checkout,
+runs in a temporary directory, and shares the data cache ($CASCADE_JAX_CACHE or
+~/.cache/cascade_jax), so the built-in tokenizer is trained at most once.
 
 Convention: a notebook binds `summary`, a dict of its headline figures. The probe reads it and
 the checks below run on whatever keys it has: every `perplexity*` is finite and below the
@@ -93,6 +94,11 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # a debugger warning on stderr
+    # The kernel runs as a Colab user's does, on one device: the 8 virtual CPU devices of the
+    # sharding tests would make every step of a notebook's tiny models an 8-way all-reduce.
+    monkeypatch.setenv("XLA_FLAGS", " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")))
     workdir = tmp_path / "cwd"
     workdir.mkdir()
 

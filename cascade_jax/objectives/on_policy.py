@@ -32,6 +32,7 @@ from cascade_jax import validate
 from cascade_jax.config import ModelConfig
 from cascade_jax.distill import losses
 from cascade_jax.distill import step as distill_step
+from cascade_jax.objectives import rollouts
 from cascade_jax.objectives.base import Built, HostBatch, StageContext
 from cascade_jax.objectives.kd import SoftLabelKD
 
@@ -106,10 +107,12 @@ class OnPolicyKD(SoftLabelKD):
                                                train_batches=batches))
         dcfg = distill_step.DistillConfig(student=ctx.student, teacher=ctx.teacher.cfg,
                                           loss=settings.loss, grad_accum=ctx.grad_accum)
-        longest = int(np.diff(pairs.prompts.offsets).max())
-        sampling = self.sampling(settings, min(ctx.student.max_seq_len,
-                                               ctx.teacher.cfg.max_seq_len),
-                                 seq_len, longest, data.eos_id(ctx.tokenizer))
+        sampling = rollouts.sampling_params(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.sample_temperature,
+            top_p=settings.top_p, n=1, seq_len=seq_len,
+            max_seq_len=min(ctx.student.max_seq_len, ctx.teacher.cfg.max_seq_len),
+            longest_prompt=int(np.diff(pairs.prompts.offsets).max()),
+            eos=data.eos_id(ctx.tokenizer), key=f"config.stages.{ctx.stage_name}.on_policy")
         teacher = ctx.teacher
 
         def prepare_batch(state: Any, batch: HostBatch) -> HostBatch:
@@ -132,36 +135,10 @@ class OnPolicyKD(SoftLabelKD):
                   **kwargs: Any) -> Any:
         return super().step_spec(student, teacher, settings.loss, **kwargs)
 
-    @staticmethod
-    def sampling(settings: Settings, max_seq_len: int, seq_len: int, longest_prompt: int,
-                 eos: int | None) -> Any:
-        from cascade_jax import generate
-
-        room = min(seq_len, max_seq_len) - longest_prompt
-        new = settings.max_new_tokens or room
-        if not 1 <= new <= room:
-            raise ValueError(f"on_policy.max_new_tokens={new}: the longest prompt has "
-                             f"{longest_prompt} tokens and a row {seq_len}, so at most {room} "
-                             "fit; lower it or raise config.data.seq_len")
-        return generate.SamplingParams(new, temperature=settings.sample_temperature,
-                                       top_p=settings.top_p,
-                                       stop_tokens=() if eos is None else (eos,))
-
-
 def student_turn(seed: int, step: int, student_fraction: float) -> bool:
     """GKD's coin for `step`: a function of (seed, step) only, so a resumed run flips the
     same coins."""
     return bool(np.random.default_rng([seed, 7919, step]).random() < student_fraction)
-
-
-def _global_rows(batch: HostBatch) -> HostBatch:
-    """Every process's rows (each samples all prompts in one SPMD call); one process: as is."""
-    if jax.process_count() == 1:
-        return batch
-    from jax.experimental import multihost_utils
-
-    return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-            for k, v in batch.items()}
 
 
 def sampled_batch(cfg: ModelConfig, params: Any, batch: HostBatch, sampling: Any, *,
@@ -170,10 +147,7 @@ def sampled_batch(cfg: ModelConfig, params: Any, batch: HostBatch, sampling: Any
     samples from the row's prompt; this process's rows of the result."""
     from cascade_jax import generate, prompts
 
-    everything = _global_rows(batch)
-    prompts_R = prompts.row_prompts(everything)
+    prompts_R = prompts.row_prompts(rollouts.global_rows(batch))
     out = generate.generate(cfg, params, prompts_R, sampling, rng=rng, mesh=mesh)
     rows = prompts.completion_rows(prompts_R, out.tokens, out.lengths, seq_len=seq_len)
-    local = len(batch["tokens"])
-    start = jax.process_index() * local if jax.process_count() > 1 else 0
-    return {k: v[start:start + local] for k, v in rows.items()}
+    return rollouts.local_rows(rows, len(prompts_R))

@@ -23,6 +23,7 @@ import jax
 
 from cascade_jax import validate
 from cascade_jax.config import ModelConfig
+from cascade_jax.objectives import rollouts
 from cascade_jax.objectives.base import Built, StageContext
 from cascade_jax.objectives.ce import CrossEntropy
 
@@ -122,17 +123,13 @@ class SequenceKD(CrossEntropy):
                  problems: list) -> Any:
         """The teacher's SamplingParams: completions that fit a training row after their
         prompt, stopped at EOS."""
-        from cascade_jax import data, generate, prompts
+        from cascade_jax import data, prompts
 
         longest = max(len(p) for p in prompts.encode_prompts(tokenizer,
                                                               [p.prompt for p in problems]))
-        room = min(seq_len - 1, teacher.max_seq_len) - longest  # an EOS may be appended
-        new = settings.max_new_tokens or room
-        if new > room or new < 1:
-            raise ValueError(f"seq_kd.max_new_tokens={new}: the longest prompt has {longest} "
-                             f"tokens and a row {seq_len}, so at most {room} fit; lower it or "
-                             "raise config.data.seq_len")
-        eos = data.eos_id(tokenizer)
-        return generate.SamplingParams(new, temperature=settings.temperature,
-                                       top_p=settings.top_p, n=settings.samples_per_prompt,
-                                       stop_tokens=() if eos is None else (eos,))
+        return rollouts.sampling_params(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+            top_p=settings.top_p, n=settings.samples_per_prompt,
+            seq_len=seq_len - 1,  # an EOS is appended to a completion that ran out of room
+            max_seq_len=teacher.max_seq_len, longest_prompt=longest,
+            eos=data.eos_id(tokenizer), key="seq_kd")
