@@ -6,14 +6,15 @@
 Built in: `ce` (next-token cross-entropy on the run's data), `kd` (soft-label distillation
 from the stage's teacher, the fused loss of `cascade_jax.distill`), `sft` (cross-entropy on
 the completions of the run's task), `seq_kd` (cross-entropy on the teacher's sampled,
-optionally verified completions) and `on_policy` (GKD: the fused KD loss on sequences the
-student samples during training). See `objectives.base` for the contract; `cascade.py` never
-branches on an objective.
+optionally verified completions), `on_policy` (GKD: the fused KD loss on sequences the
+student samples during training) and `codistill` (the stages of a group trained together in
+one step, each on CE plus α·KL to its peers' mean prediction). See `objectives.base` for the
+contract; `cascade.py` never branches on an objective.
 """
 
 from __future__ import annotations
 
-from cascade_jax.objectives.base import Built, Objective, StageContext, Trained
+from cascade_jax.objectives.base import Built, GroupBuilt, Objective, StageContext, Trained
 
 _REGISTRY: dict[str, Objective] = {}
 
@@ -48,16 +49,25 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from cascade_jax.objectives import ce, kd, on_policy, seq_kd, sft
+    from cascade_jax.objectives import ce, codistill, kd, on_policy, seq_kd, sft
 
     register(ce.CrossEntropy())
     register(kd.SoftLabelKD())
     register(sft.SupervisedFineTuning())
     register(seq_kd.SequenceKD())
     register(on_policy.OnPolicyKD())
+    register(codistill.Codistillation())
+
+
+def group_of(objective_name: str, settings: object) -> str | None:
+    """The group a stage trains in (its settings' `group` when its objective has
+    `groups = True`), or None: a stage trained alone."""
+    if not getattr(get(objective_name), "groups", False):
+        return None
+    return settings.group
 
 
 _register_builtins()
 
-__all__ = ["Built", "Objective", "StageContext", "Trained", "get", "names", "register",
-           "unregister"]
+__all__ = ["Built", "GroupBuilt", "Objective", "StageContext", "Trained", "get", "group_of",
+           "names", "register", "unregister"]
