@@ -8,6 +8,9 @@ A run directory holds one sub-directory per stage and is the unit of resumption:
     <workdir>/<stage>/stage.json      child config, prune record (kept indices), lineage
     <workdir>/<stage>/importance.npz  the parent's scores (one scoring, reusable)
     <workdir>/<stage>/checkpoints/    step 0 = the pruned child before training, then every N
+    <workdir>/<group>_<objective>/    stages trained together (`codistill`): the joint state's
+                                      checkpoints/ and metrics; each member's final state is
+                                      then written as its own <stage>/checkpoints/
     <workdir>/results.{md,csv}, loss_curves.png, importance_<stage>.png
     <workdir>/task_accuracy.png       on a task run: pass@1 by generation per stage
 
@@ -225,9 +228,11 @@ class _Run:
             micro_batches=cadence.eval_micro_batches)
 
     def fit(self, directory: str, built: objectives.Built, *, steps_: int,
-            evaluate_fn: loop.EvaluateFn, metadata: dict[str, Any], save_initial: bool) -> int:
+            evaluate_fn: loop.EvaluateFn, metadata: dict[str, Any], save_initial: bool
+            ) -> tuple[Any, int]:
+        """(the final state, tokens seen) of `built` trained (or resumed) in `directory`."""
         cadence = self.config.cadence
-        _, tokens = loop.fit_with_checkpoints(
+        return loop.fit_with_checkpoints(
             directory, step_fn=built.step_fn, abstract_state=built.abstract_state,
             make_state=built.make_state, batches=built.batches, mesh=self.mesh,
             total_steps=steps_, evaluate_fn=evaluate_fn, metadata=metadata,
@@ -235,7 +240,6 @@ class _Run:
             checkpoint_every=cadence.checkpoint_every,
             keep_checkpoints=cadence.keep_checkpoints, save_initial=save_initial,
             progress=self.progress, prepare_batch=built.prepare_batch)
-        return tokens
 
     def model(self, name: str) -> Trained:
         """A finished model by stage name, or from a checkpoint path (loaded once)."""
@@ -304,11 +308,11 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
                 abstract_state=steps.abstract_state(optimizer, model.param_shapes(cfg),
                                                     shardings),
                 make_state=make_state, batches=iter(run.datasets.train))
-            tokens = run.fit(directory, built, steps_=root.steps,
-                             evaluate_fn=run.evaluator(cfg, None),
-                             metadata=_lineage(run, ROOT, cfg, parent=None,
-                                               extra={"kind": "scratch"}),
-                             save_initial=False)
+            _, tokens = run.fit(directory, built, steps_=root.steps,
+                                evaluate_fn=run.evaluator(cfg, None),
+                                metadata=_lineage(run, ROOT, cfg, parent=None,
+                                                  extra={"kind": "scratch"}),
+                                save_initial=False)
             params = _final_state_params(directory, cfg, run.mesh)
             _write_result(result_path, _result(ROOT, cfg, tokens, time.perf_counter() - start,
                                                directory, False, None,
@@ -414,6 +418,54 @@ def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
                                  "record": out.record.to_dict()}
 
 
+def _open_stage(run: _Run, stage: StageConfig) -> tuple[Trained, Trained, dict[str, Trained]]:
+    """(parent, teacher, what the stage consumes): the stage's directory marked as this run's,
+    and a rerun whose parent or teacher changed underneath it refused (it would mix two
+    different models)."""
+    directory = run.stage_dir(stage.name)
+    parent = run.models[stage.parent]
+    teacher = run.model(stage.teacher_name)
+    consumed = {"parent": parent, "teacher": teacher}
+    if jax.process_index() == 0:
+        rundir.mark_stage(directory, run=run.workdir, stage=stage.name)
+    stage_path = os.path.join(directory, "stage.json")
+    if os.path.exists(stage_path):
+        _check_consumed(stage.name, directory, files.read_json(stage_path), consumed)
+    return parent, teacher, consumed
+
+
+def _child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained,
+           consumed: dict[str, Trained], *, started: bool, extra: dict[str, Any] | None = None
+           ) -> tuple[ModelConfig, model.Params | None, dict[str, Any]]:
+    """(child config, child params, stage record). Once training has `started` (its step 0
+    holds the child) the record is read back and the parent is not pruned again."""
+    stage_path = os.path.join(run.stage_dir(stage.name), "stage.json")
+    if started:
+        record = files.read_json(stage_path)
+        return ModelConfig.from_dict(record["model"]), None, record
+    child_cfg, child_params, record = _make_child(run, stage, stage_index, parent)
+    record = {"model": child_cfg.to_dict(), "parent": stage.parent,
+              "teacher": consumed["teacher"].name, "objective": stage.objective,
+              "consumed": {role: {"name": m.name, "fingerprint": m.fingerprint}
+                           for role, m in consumed.items()}, **(extra or {}), **record}
+    _write_result(stage_path, record)
+    return child_cfg, child_params, record
+
+
+def _finish_stage(run: _Run, stage: StageConfig) -> dict[str, Any]:
+    """A finished stage's row, its checkpoint checked against the row, its model loaded for
+    the stages after it."""
+    directory = run.stage_dir(stage.name)
+    result = files.read_json(os.path.join(directory, "result.json"))
+    fingerprint = _checkpoint_fingerprint(directory)
+    _check_unchanged(stage.name, directory, result.get("fingerprint"), fingerprint)
+    cfg = ModelConfig.from_dict(files.read_json(os.path.join(directory, "stage.json"))["model"])
+    run.models[stage.name] = Trained(stage.name, cfg,
+                                     _final_state_params(directory, cfg, run.mesh), directory,
+                                     fingerprint)
+    return result
+
+
 def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]:
     """Make the child, train it with the stage's objective, evaluate and record; resumable.
 
@@ -421,27 +473,12 @@ def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]
     parent or teacher changed underneath it is refused (it would mix two different models)."""
     directory = run.stage_dir(stage.name)
     result_path = os.path.join(directory, "result.json")
-    stage_path = os.path.join(directory, "stage.json")
-    parent = run.models[stage.parent]
-    teacher = run.model(stage.teacher_name)
-    consumed = {"parent": parent, "teacher": teacher}
+    parent, teacher, consumed = _open_stage(run, stage)
     start = time.perf_counter()
-    if jax.process_index() == 0:
-        rundir.mark_stage(directory, run=run.workdir, stage=stage.name)
-    if os.path.exists(stage_path):
-        _check_consumed(stage.name, directory, files.read_json(stage_path), consumed)
     if not os.path.exists(result_path):
-        child_params = None
-        if checkpoint.latest_step(os.path.join(directory, "checkpoints")) is not None:
-            record = files.read_json(stage_path)  # step 0 at least holds the child
-            child_cfg = ModelConfig.from_dict(record["model"])
-        else:
-            child_cfg, child_params, record = _make_child(run, stage, stage_index, parent)
-            record = {"model": child_cfg.to_dict(), "parent": stage.parent,
-                      "teacher": teacher.name, "objective": stage.objective,
-                      "consumed": {role: {"name": m.name, "fingerprint": m.fingerprint}
-                                   for role, m in consumed.items()}, **record}
-            _write_result(stage_path, record)
+        started = checkpoint.latest_step(os.path.join(directory, "checkpoints")) is not None
+        child_cfg, child_params, record = _child(run, stage, stage_index, parent, consumed,
+                                                 started=started)
         tokens = _train_stage(run, stage, child_cfg, child_params, parent, teacher, record)
         trained = _final_state_params(directory, child_cfg, run.mesh)
         _write_result(result_path, _result(stage.name, child_cfg, tokens,
@@ -449,14 +486,7 @@ def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]
                                            stage.baseline, teacher.name,
                                            _checkpoint_fingerprint(directory),
                                            task_columns(run, child_cfg, trained)))
-    result = files.read_json(result_path)
-    fingerprint = _checkpoint_fingerprint(directory)
-    _check_unchanged(stage.name, directory, result.get("fingerprint"), fingerprint)
-    cfg = ModelConfig.from_dict(files.read_json(stage_path)["model"])
-    run.models[stage.name] = Trained(stage.name, cfg,
-                                     _final_state_params(directory, cfg, run.mesh), directory,
-                                     fingerprint)
-    return result
+    return _finish_stage(run, stage)
 
 
 def _check_consumed(stage: str, directory: str, record: dict[str, Any],
@@ -470,19 +500,27 @@ def _check_consumed(stage: str, directory: str, record: dict[str, Any],
                 f"{directory} to redo {stage!r} from the new {role}, or restore {now.name!r}")
 
 
+def _context(run: _Run, stage: StageConfig, cfg: ModelConfig,
+             child_params: model.Params | None, teacher: Trained, rng: jax.Array
+             ) -> StageContext:
+    """What the stage's objective builds its training from."""
+    objective = objectives.get(stage.objective)
+    optimizer = steps.make_optimizer(total_steps=stage.steps, **stage.optim.optimizer_kwargs())
+    return StageContext(
+        stage_name=stage.name, student=cfg, child_params=child_params,
+        teacher=teacher if objective.uses_teacher else None, settings=stage.settings,
+        mesh=run.mesh, optimizer=optimizer, rng=rng, grad_accum=stage.grad_accum,
+        train_batches=lambda: iter(run.datasets.train),
+        task=None if run.config.task is None else run.config.task.task,
+        directory=run.stage_dir(stage.name), tokenizer=run.datasets.tokenizer,
+        data=run.config.data, seed=run.config.seed)
+
+
 def _train_stage(run: _Run, stage: StageConfig, cfg: ModelConfig,
                  child_params: model.Params | None, parent: Trained, teacher: Trained,
                  record: dict[str, Any]) -> int:
-    objective = objectives.get(stage.objective)
-    optimizer = steps.make_optimizer(total_steps=stage.steps, **stage.optim.optimizer_kwargs())
-    built = objective.build(StageContext(
-        stage_name=stage.name, student=cfg, child_params=child_params,
-        teacher=teacher if objective.uses_teacher else None, settings=stage.settings,
-        mesh=run.mesh, optimizer=optimizer, rng=jax.random.key(run.config.seed + 1),
-        grad_accum=stage.grad_accum, train_batches=lambda: iter(run.datasets.train),
-        task=None if run.config.task is None else run.config.task.task,
-        directory=run.stage_dir(stage.name), tokenizer=run.datasets.tokenizer,
-        data=run.config.data, seed=run.config.seed))
+    built = objectives.get(stage.objective).build(
+        _context(run, stage, cfg, child_params, teacher, jax.random.key(run.config.seed + 1)))
     metadata = _lineage(run, stage.name, cfg, parent=parent,
                         extra={"teacher": teacher.directory, "objective": stage.objective,
                                "importance": record.get("importance"),
@@ -490,7 +528,128 @@ def _train_stage(run: _Run, stage: StageConfig, cfg: ModelConfig,
                                **built.lineage})
     return run.fit(run.stage_dir(stage.name), built, steps_=stage.steps,
                    evaluate_fn=run.evaluator(cfg, teacher), metadata=metadata,
-                   save_initial=True)
+                   save_initial=True)[1]
+
+
+# ------------------------------------------------------------------------- a group of stages
+
+
+def run_group(run: _Run, members: list[tuple[int, StageConfig]]) -> list[dict[str, Any]]:
+    """Stages trained together (a grouped objective, e.g. `codistill`): every member's child
+    made as for a stage, one joint state trained in `<workdir>/<group>_<objective>/`, then each
+    member's params written as its stage (checkpoint, `stage.json`, metrics, row).
+
+    Resumable like a stage: finished members are skipped, the joint state resumes from its
+    last checkpoint (data position and peers included), and a member whose row is missing is
+    written from the joint state's final checkpoint without training again."""
+    stages = [stage for _, stage in members]
+    opened = [_open_stage(run, stage) for stage in stages]
+    pending = [stage.name for stage in stages
+               if not os.path.exists(os.path.join(run.stage_dir(stage.name), "result.json"))]
+    if pending:
+        start = time.perf_counter()
+        joint_dir = run.stage_dir(stages[0].group_directory)
+        started = checkpoint.latest_step(os.path.join(joint_dir, "checkpoints")) is not None
+        children = [_child(run, stage, index, parent, consumed, started=started,
+                           extra={"group": stage.group,
+                                  "peers": [s.name for s in stages if s is not stage]})
+                    for (index, stage), (parent, _, consumed) in zip(members, opened,
+                                                                     strict=True)]
+        group, state, tokens = _train_group(run, stages, children, [t for _, t, _ in opened],
+                                            joint_dir)
+        final = group.member_params(state.params)  # the state the last checkpoint holds
+        for stage, (cfg, _, record), (parent, teacher, _), params in zip(
+                stages, children, opened, final, strict=True):
+            if stage.name in pending:
+                _write_member(run, stage, cfg, params, record, parent, teacher, tokens,
+                              time.perf_counter() - start, joint_dir, group.built.lineage)
+    return [_finish_stage(run, stage) for stage in stages]
+
+
+def _train_group(run: _Run, stages: list[StageConfig],
+                 children: list[tuple[ModelConfig, model.Params | None, dict[str, Any]]],
+                 teachers: list[Trained], joint_dir: str
+                 ) -> tuple[objectives.GroupBuilt, Any, int]:
+    """The joint training through the shared loop; each member evaluated against its own
+    teacher under its name (`<stage>/loss`, ...). Returns (the group's build, the final joint
+    state, tokens seen)."""
+    first = stages[0]
+    rng = jax.random.key(run.config.seed + 1)  # folded per member: random inits differ
+    ctxs = [_context(run, stage, cfg, params, teacher, jax.random.fold_in(rng, i))
+            for i, (stage, (cfg, params, _), teacher) in enumerate(zip(stages, children,
+                                                                       teachers, strict=True))]
+    group = objectives.get(first.objective).build_group(ctxs)
+    evaluators = [run.evaluator(ctx.student, teacher) for ctx, teacher in zip(ctxs, teachers,
+                                                                              strict=True)]
+
+    def evaluate_fn(params: Any) -> dict[str, float]:
+        scores = {}
+        for stage, evaluate_, member in zip(stages, evaluators, group.member_params(params),
+                                            strict=True):
+            scores.update({f"{stage.name}/{k}": v for k, v in evaluate_(member).items()})
+        return scores
+
+    if jax.process_index() == 0:
+        rundir.mark_stage(joint_dir, run=run.workdir, stage=first.group_directory)
+    metadata = {"kind": "cascade_group", "group": first.group, "objective": first.objective,
+                "members": {ctx.stage_name: ctx.student.to_dict() for ctx in ctxs},
+                "parent": os.path.join(run.models[first.parent].directory, "checkpoints"),
+                "config": run.config.raw, "code_revision": loop.code_revision(),
+                **group.built.lineage}
+    state, tokens = run.fit(joint_dir, group.built, steps_=first.steps,
+                            evaluate_fn=evaluate_fn, metadata=metadata, save_initial=True)
+    return group, state, tokens
+
+
+def _write_member(run: _Run, stage: StageConfig, cfg: ModelConfig, params: model.Params,
+                  record: dict[str, Any], parent: Trained, teacher: Trained, tokens: int,
+                  wall_s: float, joint_dir: str, lineage: dict[str, Any]) -> None:
+    """One member of a finished group as a stage: its params as the final checkpoint (lineage
+    naming its peers; its optimizer state stays in the joint checkpoint), its metrics without
+    the member prefix, its row (written last)."""
+    directory = run.stage_dir(stage.name)
+    checkpoints = os.path.join(directory, "checkpoints")
+    if checkpoint.latest_step(checkpoints) != stage.steps:
+        metadata = _lineage(run, stage.name, cfg, parent=parent, extra={
+            "teacher": teacher.directory, "objective": stage.objective,
+            "importance": record.get("importance"), "record": record.get("record"),
+            "target": stage.target.to_dict(), "group": stage.group, "peers": record["peers"],
+            "joint_checkpoints": os.path.join(joint_dir, "checkpoints"), **lineage})
+        checkpoint.save(checkpoints, stage.steps, {"params": params},
+                        metadata=dict(metadata, step=stage.steps, tokens_seen=tokens))
+    _write_member_metrics(joint_dir, directory, stage.name)
+    _write_result(os.path.join(directory, "result.json"),
+                  _result(stage.name, cfg, tokens, wall_s, directory, stage.baseline,
+                          teacher.name, _checkpoint_fingerprint(directory),
+                          task_columns(run, cfg, params)))
+
+
+def _write_member_metrics(joint_dir: str, directory: str, name: str) -> None:
+    """The member's records of the joint `metrics.jsonl` (`<name>/<metric>`), unprefixed, as
+    the member's own `metrics.jsonl` (rewritten whole: it is derived)."""
+    prefix = f"{name}/"
+    if jax.process_index() == 0 and os.path.exists(os.path.join(directory, "metrics.jsonl")):
+        os.remove(os.path.join(directory, "metrics.jsonl"))
+    with MetricWriter(directory) as writer:
+        for record in read_metrics(joint_dir):
+            scalars = {k.removeprefix(prefix): v for k, v in record.items()
+                       if k.startswith(prefix)}
+            if scalars:
+                if "tokens" in record:
+                    scalars.setdefault("tokens", record["tokens"])
+                writer.write(record["step"], record["split"], scalars)
+
+
+def _units(stages: tuple[StageConfig, ...]) -> list[list[tuple[int, StageConfig]]]:
+    """(index, stage) in run order, one unit per stage trained alone or per group (whose
+    members stand together, `runconfig.check_groups`)."""
+    units: list[list[tuple[int, StageConfig]]] = []
+    for index, stage in enumerate(stages):
+        if stage.group is not None and units and units[-1][0][1].group == stage.group:
+            units[-1].append((index, stage))
+        else:
+            units.append([(index, stage)])
+    return units
 
 
 # ----------------------------------------------------------------------------- the results
@@ -636,8 +795,12 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
         run_state = _Run(config, workdir, mesh, datasets, progress)
         results = [run_root(run_state, root_cfg)]
         logging.info("root: %s", results[-1])
-        for index, stage in enumerate(config.stages):
-            results.append(run_stage(run_state, stage, index))
-            logging.info("%s: %s", stage.name, results[-1])
+        for unit in _units(config.stages):
+            if unit[0][1].group is None:
+                results.append(run_stage(run_state, unit[0][1], unit[0][0]))
+            else:
+                results.extend(run_group(run_state, unit))
+            for result in results[-len(unit):]:
+                logging.info("%s: %s", result["stage"], result)
         write_report(workdir, results)
     return results

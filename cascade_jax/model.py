@@ -34,6 +34,7 @@ functions of the same params, scanned over the same stacked layers).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -498,12 +499,24 @@ def init(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 def param_logical_axes(cfg: ModelConfig) -> Params:
     """The logical axis names of every param, as a pytree of `PartitionSpec`s (no allocation)."""
-    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))
-    return nn.get_partition_spec(boxed)["params"]
+    return jax.tree.map(lambda spec: spec, _param_logical_axes(cfg))  # the caller's own tree
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """`jax.ShapeDtypeStruct` of every param (no allocation)."""
+    return jax.tree.map(lambda shape: shape, _param_shapes(cfg))  # the caller's own tree
+
+
+# Both trace the whole model, and shardings, restore targets and evaluators ask for them many
+# times per stage: traced once per config (a config is frozen and hashable).
+@functools.lru_cache(maxsize=64)
+def _param_logical_axes(cfg: ModelConfig) -> Params:
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), _dummy_tokens(cfg)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(cfg: ModelConfig) -> Params:
     return jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
 
 

@@ -355,6 +355,17 @@ class StageConfig:
     def teacher_name(self) -> str:
         return self.parent if self.teacher == PARENT else self.teacher
 
+    @property
+    def group(self) -> str | None:
+        """The group this stage trains in with others (a grouped objective's `group`), or
+        None when it trains alone."""
+        return objectives.group_of(self.objective, self.settings)
+
+    @property
+    def group_directory(self) -> str | None:
+        """Where its group keeps the joint state, under the run directory: `<group>_<objective>`."""
+        return None if self.group is None else f"{self.group}_{self.objective}"
+
 
 _STAGE_FIELDS = ("parent", "teacher", "objective", "target", "init", "depth_method",
                  "head_method", "hidden_method", "steps", "optim", "calib_batches",
@@ -426,9 +437,55 @@ class CascadeConfig:
                 raise ValueError(f"{stage.key}.teacher={stage.teacher!r} is neither 'parent', "
                                  f"one of {earlier}, nor an existing checkpoint directory")
             earlier.append(stage.name)
+        check_groups(self.stages)
 
     def stage(self, name: str) -> StageConfig:
         return {s.name: s for s in self.stages}[name]
+
+
+GROUP_SHARED = ("objective", "parent", "steps", "grad_accum")  # one joint step, one parent
+
+
+def groups(stages: tuple[StageConfig, ...]) -> dict[str, list[StageConfig]]:
+    """The stages of each group, in run order."""
+    out: dict[str, list[StageConfig]] = {}
+    for stage in stages:
+        if stage.group is not None:
+            out.setdefault(stage.group, []).append(stage)
+    return out
+
+
+def check_groups(stages: tuple[StageConfig, ...]) -> None:
+    """Stages trained together stand one after another in `stage_order`, number two or more,
+    and share what one joint step needs; their objective may check more (`check_group`)."""
+    order = [s.name for s in stages]
+    for group, members in groups(stages).items():
+        first, names = members[0], [m.name for m in members]
+        if len(members) < 2:
+            raise ValueError(f"{first.key}.{first.objective}.group={group!r} names no other "
+                             "stage; a group trains two or more stages together: give another "
+                             f"stage group={group!r}, or train this one with objective='kd' "
+                             "or 'ce'")
+        span = order[order.index(names[0]):order.index(names[-1]) + 1]
+        if span != names:
+            between = [name for name in span if name not in names]
+            raise ValueError(f"config.stage_order={order} must list the stages of group "
+                             f"{group!r} ({names}) one after another, but {between} stand "
+                             "between them; move them before or after the group")
+        for stage in members[1:]:
+            for field in GROUP_SHARED:
+                mine, theirs = getattr(stage, field), getattr(first, field)
+                if mine != theirs:
+                    raise ValueError(f"{stage.key}.{field}={mine!r} but {first.key}.{field}="
+                                     f"{theirs!r}; the stages of group {group!r} train in one "
+                                     f"step from one parent: give them the same {field}")
+        if first.group_directory in order or first.group_directory == ROOT:
+            raise ValueError(f"group {group!r} keeps its joint state in <workdir>/"
+                             f"{first.group_directory}, the directory of stage "
+                             f"{first.group_directory!r}; rename the group or the stage")
+        check = getattr(objectives.get(first.objective), "check_group", None)
+        if check is not None:
+            check(members)
 
 
 _CASCADE_FIELDS = ("workdir", "seed", "root", "data", "task", "mesh", "stage_order", "stages",

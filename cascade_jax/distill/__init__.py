@@ -1,5 +1,6 @@
-"""Distillation: KD losses (dense, fused-chunked, sparse) and the distill steps (online, and
-fed by an offline teacher cache)."""
+"""Distillation: KD losses (dense, fused-chunked, sparse, from a mixture of teachers), the
+distill steps (online, and fed by an offline teacher cache) and the codistillation step
+(`distill.codistill`: N models in one step, each pulled toward its peers)."""
 
 from cascade_jax.distill.losses import (
     KINDS,
@@ -8,6 +9,8 @@ from cascade_jax.distill.losses import (
     distill_loss,
     distill_loss_from_logits,
     divergence,
+    mixture_distill_loss,
+    mixture_logprobs,
     sample_teacher_targets,
     sparse_distill_loss,
     top_k_teacher_targets,
@@ -34,6 +37,8 @@ __all__ = [
     "divergence",
     "jit_train_step",
     "jit_train_step_cached",
+    "mixture_distill_loss",
+    "mixture_logprobs",
     "sample_teacher_targets",
     "sparse_distill_loss",
     "top_k_teacher_targets",

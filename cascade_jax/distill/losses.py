@@ -46,6 +46,20 @@ Sparse teacher targets (`sparse_distill_loss`), for offline distillation from a 
   T²·KL(p_T‖s_T), and its gradient w.r.t. the student logits, T·(s_T − counts/n), has
   expectation T·(s_T − p_T), the dense gradient. Forward KL only (the estimator is linear in p).
 
+Several teachers at once (`mixture_distill_loss`): the target is the arithmetic mean of the
+teachers' tempered probabilities, p̄ = (1/n) Σ_j p_j, made chunk by chunk from each teacher's
+hidden states and head inside the same fused scan (a running `logaddexp`: one extra
+[B, chunk, V] is live per chunk however many teachers there are). Codistillation uses it with
+the other models of a group as the teachers: Anil et al. 2018 (arXiv 1804.03235) distil each
+model from the average of the other models' predictions. Why the mean of probabilities and
+not of log-probs (a renormalised geometric mean, a product of experts): p̄ is the peers'
+ensemble prediction and keeps every token any peer believes in, where the geometric mean
+vanishes wherever a single peer does; and with forward KL its gradient w.r.t. the student
+logits, T·(s_T − p̄), is exactly the mean of the per-teacher gradients T·(s_T − p_j), so
+distilling from the mixture moves the student as deep mutual learning's average of per-peer
+KLs does (Zhang et al. 2018, arXiv 1706.00384, with more than two students); the two values
+differ only by a term free of the student.
+
 Metrics are token-weighted sums (`loss_sum`, `kd_sum` (the configured divergence, T²
 included), `ce_sum`, `top1_agreement_sum` (student argmax == teacher argmax), `count`), so
 averages over chunks, hosts and steps weigh by tokens (MaxText's distillation_utils keeps
@@ -61,6 +75,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -146,6 +161,18 @@ def _tempered_logprobs(logits: jax.Array, temperature: float) -> jax.Array:
     return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
 
 
+def mixture_logprobs(teacher_logits: Sequence[jax.Array], temperature: float = 1.0
+                     ) -> jax.Array:
+    """log((1/n) Σ_j softmax(z_j / T)) over the last axis: the log of the teachers' mean
+    tempered probabilities (a running `logaddexp`, so two arrays of that shape are live)."""
+    if not teacher_logits:
+        raise ValueError("mixture_logprobs needs at least one teacher's logits")
+    log_sum = _tempered_logprobs(teacher_logits[0], temperature)
+    for logits in teacher_logits[1:]:
+        log_sum = jnp.logaddexp(log_sum, _tempered_logprobs(logits, temperature))
+    return log_sum - math.log(len(teacher_logits))
+
+
 # ------------------------------------------------------------------ objectives on logits
 
 
@@ -155,7 +182,7 @@ class _Objective:
     come from."""
 
     spec: LossSpec
-    mode: str  # 'dense' | 'topk' | 'sampled'
+    mode: str  # 'dense' | 'mixture' | 'topk' | 'sampled'
 
 
 def _kd_per_token(objective: _Objective, s_logits_BLV: jax.Array, teacher: tuple[jax.Array, ...]
@@ -167,6 +194,11 @@ def _kd_per_token(objective: _Objective, s_logits_BLV: jax.Array, teacher: tuple
         kd_BL = divergence(spec.kind, _tempered_logprobs(t_logits_BLV, temp),
                            _tempered_logprobs(s_logits_BLV, temp), spec.beta)
         return temp**2 * kd_BL, jnp.argmax(t_logits_BLV, axis=-1)
+    if objective.mode == "mixture":  # the teachers' mean tempered probabilities, as log-probs
+        (t_logprobs_BLV,) = teacher
+        kd_BL = divergence(spec.kind, t_logprobs_BLV, _tempered_logprobs(s_logits_BLV, temp),
+                           spec.beta)
+        return temp**2 * kd_BL, jnp.argmax(t_logprobs_BLV, axis=-1)
     idx_BLk, t_logprobs_BLk = teacher
     top_BL = jnp.take_along_axis(idx_BLk, jnp.argmax(t_logprobs_BLk, axis=-1)[..., None],
                                  axis=-1)[..., 0]
@@ -223,10 +255,15 @@ def _logits(hidden_BLD: jax.Array, head_DV: jax.Array) -> jax.Array:
 
 def _chunk_teacher(objective: _Objective, teacher_BC: tuple[jax.Array, ...],
                    teacher_shared: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """The teacher's targets for one chunk: its logits when dense, the sparse arrays as given."""
+    """The teacher's targets for one chunk: its logits when dense, the log of the teachers'
+    mean tempered probabilities for a mixture, the sparse arrays as given."""
     if objective.mode == "dense":
         (t_h_BCD,), (t_w_DV,) = teacher_BC, teacher_shared
         return (_logits(t_h_BCD, t_w_DV),)
+    if objective.mode == "mixture":
+        return (mixture_logprobs([_logits(h_BCD, w_DV) for h_BCD, w_DV
+                                  in zip(teacher_BC, teacher_shared, strict=True)],
+                                 objective.spec.temperature),)
     return teacher_BC
 
 
@@ -396,6 +433,42 @@ def distill_loss(student_hidden_BLD: jax.Array, student_head_DV: jax.Array,
                                         targets_BL, weights_BL, spec)
     return _fused_loss(_Objective(spec, "dense"), student_hidden_BLD, student_head_DV,
                        (teacher_hidden_BLD,), (teacher_head_DV.astype(teacher_hidden_BLD.dtype),),
+                       targets_BL, weights_BL)
+
+
+def mixture_distill_loss(student_hidden_BLD: jax.Array, student_head_DV: jax.Array,
+                         teacher_hiddens: Sequence[jax.Array], teacher_heads: Sequence[jax.Array],
+                         targets_BL: jax.Array, weights_BL: jax.Array, spec: LossSpec
+                         ) -> tuple[jax.Array, Metrics]:
+    """`distill_loss` against the arithmetic mean of n teachers' tempered probabilities.
+
+    `teacher_hiddens[j]` [B, L, D_j] and `teacher_heads[j]` [D_j, V] are teacher j's final
+    hidden states and head (the teachers may differ in D, not in V); all are under
+    `stop_gradient`. Fused and chunked like `distill_loss` (no [B, L, V] pair live with
+    `spec.chunk_size`); with one teacher it is `distill_loss`. `top1_agreement_sum` compares
+    with the mixture's argmax. Why the mean of probabilities: the module docstring.
+    """
+    teacher_hiddens, teacher_heads = tuple(teacher_hiddens), tuple(teacher_heads)
+    if not teacher_hiddens or len(teacher_hiddens) != len(teacher_heads):
+        raise ValueError(f"{len(teacher_hiddens)} teacher hidden states and "
+                         f"{len(teacher_heads)} heads: give one head per teacher, at least one")
+    _check_head("student", student_hidden_BLD, student_head_DV)
+    _check_tokens("student hidden", student_hidden_BLD, targets_BL, weights_BL)
+    for j, (hidden_BLD, head_DV) in enumerate(zip(teacher_hiddens, teacher_heads, strict=True)):
+        _check_head(f"teacher {j}", hidden_BLD, head_DV)
+        _check_vocab(student_head_DV.shape[-1], head_DV.shape[-1])
+        _check_tokens(f"teacher {j} hidden", hidden_BLD, targets_BL, weights_BL)
+    token_ids.maybe_check(targets_BL, student_head_DV.shape[-1], where="targets")
+    teacher_hiddens, teacher_heads = jax.lax.stop_gradient((teacher_hiddens, teacher_heads))
+    objective = _Objective(spec, "mixture")
+    if spec.chunk_size is None:
+        teacher = (mixture_logprobs([_logits(h, w) for h, w in zip(teacher_hiddens,
+                                                                   teacher_heads, strict=True)],
+                                    spec.temperature),)
+        return _finish(_objective_sums(objective, _logits(student_hidden_BLD, student_head_DV),
+                                       teacher, targets_BL, weights_BL))
+    heads = tuple(w.astype(h.dtype) for h, w in zip(teacher_hiddens, teacher_heads, strict=True))
+    return _fused_loss(objective, student_hidden_BLD, student_head_DV, teacher_hiddens, heads,
                        targets_BL, weights_BL)
 
 

@@ -8,14 +8,15 @@ from the stage's teacher, the fused loss of `cascade_jax.distill`), `sft` (cross
 the completions of the run's task), `seq_kd` (cross-entropy on the teacher's sampled,
 optionally verified completions), `on_policy` (GKD: the fused KD loss on sequences the
 student samples during training), `grpo` (group-relative policy optimisation on the task's
-verifier or a teacher's per-token log-probs) and `preference` (online / offline / offset
-DPO against the stage's frozen starting params). See `objectives.base` for the contract;
-`cascade.py` never branches on an objective.
+verifier or a teacher's per-token log-probs), `preference` (online / offline / offset DPO
+against the stage's frozen starting params) and `codistill` (the stages of a group trained
+together in one step, each on CE plus α·KL to its peers' mean prediction). See
+`objectives.base` for the contract; `cascade.py` never branches on an objective.
 """
 
 from __future__ import annotations
 
-from cascade_jax.objectives.base import Built, Objective, StageContext, Trained
+from cascade_jax.objectives.base import Built, GroupBuilt, Objective, StageContext, Trained
 
 _REGISTRY: dict[str, Objective] = {}
 
@@ -50,7 +51,16 @@ def names() -> list[str]:
 
 
 def _register_builtins() -> None:
-    from cascade_jax.objectives import ce, grpo, kd, on_policy, preference, seq_kd, sft
+    from cascade_jax.objectives import (
+        ce,
+        codistill,
+        grpo,
+        kd,
+        on_policy,
+        preference,
+        seq_kd,
+        sft,
+    )
 
     register(ce.CrossEntropy())
     register(kd.SoftLabelKD())
@@ -59,9 +69,18 @@ def _register_builtins() -> None:
     register(on_policy.OnPolicyKD())
     register(grpo.GRPO())
     register(preference.Preference())
+    register(codistill.Codistillation())
+
+
+def group_of(objective_name: str, settings: object) -> str | None:
+    """The group a stage trains in (its settings' `group` when its objective has
+    `groups = True`), or None: a stage trained alone."""
+    if not getattr(get(objective_name), "groups", False):
+        return None
+    return settings.group
 
 
 _register_builtins()
 
-__all__ = ["Built", "Objective", "StageContext", "Trained", "get", "names", "register",
-           "unregister"]
+__all__ = ["Built", "GroupBuilt", "Objective", "StageContext", "Trained", "get", "group_of",
+           "names", "register", "unregister"]

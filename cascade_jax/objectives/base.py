@@ -6,12 +6,17 @@ random or the parent as is), finds its teacher, and hands both to the stage's ob
 (fresh or restored), the batches it consumes, and how to read the child's decoder params back
 out of its state. The cascade then runs the shared loop (`loop.fit_with_checkpoints`),
 evaluates and records the stage, with no branch on which objective it was.
+
+Objectives that train several stages together (`groups = True`, e.g. `codistill`) get every
+member's context at once (`build_group(ctxs) -> GroupBuilt`): the cascade makes each member's
+child as for any stage, drives the one joint state through the same loop, and writes each
+member's params out as that member's stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
@@ -97,13 +102,33 @@ class Built:
     prepare_batch: Callable[[TrainState, HostBatch], HostBatch] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupBuilt:
+    """A group's joint training, ready for the loop (objectives with `groups = True`).
+
+    built: the joint step, state, batches and lineage, driven like any stage's `Built`.
+    member_params: joint state params -> each member's decoder params, in the group's order
+      (each is evaluated against its own stage's teacher, and saved as its stage's output).
+    The step's metric sums of member `<stage>` are named `<stage>/<metric>_sum`; the cascade
+    copies them into the member's own `metrics.jsonl` without the prefix.
+    """
+
+    built: Built
+    member_params: Callable[[Any], Sequence[model.Params]]
+
+
 class Objective(Protocol):
     """One stage objective. `name` is what configs write (`objective='kd'`) and the name of
     its settings block; `loss_label` says what its training `loss` measures (plots keep
     objectives with different labels on separate axes); `uses_teacher` tells the cascade
     whether the stage's teacher must be loaded for training (it is always used to evaluate);
     `needs_task` (optional, default False) makes a run without `config.task` fail at config
-    time instead of at the stage."""
+    time instead of at the stage.
+
+    Grouped objectives (optional `groups = True`) also give their settings a `group: str`
+    field, `build_group(ctxs) -> GroupBuilt` and, optionally, `check_group(stages)` (config-
+    time checks across the members, after the cascade's own: two or more consecutive stages
+    sharing parent, steps and grad_accum)."""
 
     name: str
     loss_label: str
