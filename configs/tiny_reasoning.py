@@ -18,6 +18,10 @@ The `tokens` column says what each counted:
   child_pruned_sft      baseline: the pruned child on the reference traces, no teacher
   child_random_sft      baseline: the child's shape from random init, no teacher
 
+and a co-distilled pair (Anil et al. 2018, arXiv 1804.03235): the depth-pruned child and a
+width-pruned child of about the same size (`child_codistill_depth`, `child_codistill_width`)
+trained together, each on CE plus α·KL to the other's prediction, against the same two
+trained alone with `sft` on the same steps (`child_pruned_sft`, `child_width_sft`);
 then a grandchild from `child_kd` by `kd`, and each distilled size (child_kd, grandchild) in
 Ministral 3's three variants: the base (as distilled), `<size>_instruct` (online DPO judged
 by the task's verifier) and `<size>_reasoning` (GRPO with Magistral's settings, then online
@@ -52,7 +56,11 @@ OBJECTIVE_SETTINGS = {
     "preference": dict(loss="dpo", beta=0.1, samples_per_prompt=2, judge="verifier",
                        sample_temperature=1.0, chunk_size=64),
     "grpo": dict(preset="magistral", group_size=8, sample_temperature=1.0, chunk_size=64),
+    "codistill": dict(group="pair", alpha=0.5, refresh_every=0, kind="forward_kl",
+                      chunk_size=64),
 }
+# A second child shape of about the same size, pruned in width only (for co-distillation)
+WIDTH_CHILD = dict(n_layers=None, d_ff=256)  # all 4 layers kept
 POSTTRAIN_STEPS = 40
 POSTTRAIN_OPTIM = dict(lr=3e-4, warmup_steps=5, min_lr_ratio=0.1)
 
@@ -114,6 +122,12 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
         child_pruned_sft=_stage("sft", baseline=True),
         child_random_sft=_stage("sft", init="random", baseline=True),
         grandchild=_stage("kd", parent="child_kd", teacher="child_kd", target=GRANDCHILD),
+        # co-distillation: the depth-pruned child (child_pruned_sft's shape) and a
+        # width-pruned one trained together, each on CE + α·KL to the other; alone, each is
+        # child_pruned_sft / child_width_sft (the same steps and data)
+        child_codistill_depth=_stage("codistill"),
+        child_codistill_width=_stage("codistill", target=WIDTH_CHILD),
+        child_width_sft=_stage("sft", target=WIDTH_CHILD, baseline=True),
         **_variants("child_kd"),
         **_variants("grandchild"),
     )
