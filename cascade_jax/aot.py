@@ -73,6 +73,8 @@ class StepSpec:
     # Micro-batches of 'train' (grad_accum) and 'forward' (eval micro_batches); 'distill'
     # takes `distill.grad_accum`.
     micro_batches: int = 1
+    # Positions per logits block of 'train' and 'forward' (`steps.ce_sums`); None: whole rows.
+    loss_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
@@ -153,14 +155,16 @@ def step_and_args(spec: StepSpec, mesh: Mesh) -> tuple[Any, tuple[Any, ...]]:
     batch = abstract_batch(mesh, spec.batch_size, spec.seq_len, micro)
     if spec.kind == "train":
         return (steps.jit_ce_train_step(spec.student, spec.optimizer, mesh,
-                                        grad_accum=spec.micro_batches),
+                                        grad_accum=spec.micro_batches,
+                                        chunk_size=spec.loss_chunk),
                 (abstract_train_state(spec.student, spec.optimizer, mesh), batch))
     if spec.kind == "distill":
         dcfg = spec.distill
         return (distill_step.jit_train_step(dcfg, spec.optimizer, mesh),
                 (abstract_distill_state(dcfg, spec.optimizer, mesh),
                  abstract_params(dcfg.teacher, mesh), batch))
-    return (steps.jit_eval_sums(spec.student, mesh, micro_batches=spec.micro_batches),
+    return (steps.jit_eval_sums(spec.student, mesh, micro_batches=spec.micro_batches,
+                                chunk_size=spec.loss_chunk),
             (abstract_params(spec.student, mesh), batch))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -63,8 +64,9 @@ from cascade_jax.runconfig import (
 )
 
 __all__ = ["ROOT", "CascadeConfig", "StageConfig", "Trained", "child_model", "claim_workdir",
-           "load_checkpoint_model", "plan_models", "results_csv", "results_markdown",
-           "root_model", "run", "run_datasets", "write_report"]
+           "load_checkpoint_model", "plan_models", "positions_markdown", "results_csv",
+           "results_markdown", "root_model", "run", "run_datasets", "stage_data",
+           "write_report"]
 
 
 # ------------------------------------------------------------------------ the run directory
@@ -165,7 +167,7 @@ def child_model(parent: ModelConfig, stage: StageConfig) -> ModelConfig:
     """The child's shape as the stage makes it, checked: the parent itself ('parent'), the
     target's shape ('random'), or what `prune.prune` returns ('pruned')."""
     if stage.init == "parent":
-        return parent
+        return parent if stage.context is None else stage.context.child_config(parent)
     methods = dict(depth_method=stage.depth_method, head_method=stage.head_method,
                    hidden_method=stage.hidden_method)
     if stage.init == "random":  # no surgery: only the shape (and tying) matter
@@ -192,7 +194,32 @@ def plan_models(config: CascadeConfig, root: ModelConfig | None = None
                              f"{models[teacher].vocab_size} but the child has "
                              f"{models[stage.name].vocab_size}; a teacher must share the "
                              "student's tokenizer")
+        check_teacher_context(stage, models[teacher])
     return models
+
+
+def stage_data(config: CascadeConfig, stage: StageConfig) -> data.DataConfig:
+    """The rows a stage trains and evaluates on: the run's, or its context block's longer
+    ones (the same source and tokenizer)."""
+    return config.data if stage.context is None else stage.context.data(config.data)
+
+
+def check_teacher_context(stage: StageConfig, teacher: ModelConfig) -> None:
+    """A context stage whose objective learns from its teacher needs a teacher that takes its
+    rows: targets beyond a teacher's context are its untrained extrapolation."""
+    if stage.context is None or not objectives.get(stage.objective).uses_teacher:
+        return
+    key = f"{stage.context.key}.seq_len"
+    if stage.context.seq_len > teacher.max_seq_len:
+        raise ValueError(f"{key}={stage.context.seq_len} exceeds the teacher "
+                         f"{stage.teacher_name!r}'s max_seq_len={teacher.max_seq_len}, and "
+                         f"objective={stage.objective!r} learns from its predictions there; "
+                         f"lower {key} to {teacher.max_seq_len}, or train with a teacher-free "
+                         "objective (objective='ce')")
+
+
+def _covers(cfg: ModelConfig, data_config: data.DataConfig) -> bool:
+    return data_config.seq_len <= cfg.max_seq_len
 
 
 def check_positions(cfg: ModelConfig, seq_len: int, name: str) -> None:
@@ -214,18 +241,34 @@ class _Run:
         self.config, self.workdir, self.mesh = config, workdir, mesh
         self.datasets, self.progress = datasets, progress
         self.models: dict[str, Trained] = {}
+        self._stage_datasets: dict[tuple[int, int], data.Datasets] = {}
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.workdir, name)
 
-    def evaluator(self, cfg: ModelConfig, teacher: Trained | None) -> loop.EvaluateFn:
+    def stage_datasets(self, stage: StageConfig) -> data.Datasets:
+        """The run's datasets, or a context stage's longer rows (built once per shape)."""
+        rows = stage_data(self.config, stage)
+        if rows is self.config.data:
+            return self.datasets
+        shape = (rows.seq_len, rows.batch_size)
+        if shape not in self._stage_datasets:
+            self._stage_datasets[shape] = run_datasets(self.config, seed=self.config.seed,
+                                                       data_config=rows)
+        return self._stage_datasets[shape]
+
+    def evaluator(self, cfg: ModelConfig, teacher: Trained | None,
+                  datasets: data.Datasets | None = None) -> loop.EvaluateFn:
+        """Validation on the run's rows, or (`datasets`) a context stage's long rows, whose
+        logits are then made a block of positions at a time even without a teacher."""
         cadence = self.config.cadence
         return evaluate.evaluator(
-            cfg, self.mesh, lambda: iter(self.datasets.validation),
+            cfg, self.mesh, lambda: iter((datasets or self.datasets).validation),
             max_batches=cadence.eval_batches or None,
             teacher_cfg=None if teacher is None else teacher.cfg,
             teacher_params=None if teacher is None else teacher.params,
-            micro_batches=cadence.eval_micro_batches)
+            micro_batches=cadence.eval_micro_batches,
+            chunk_size=None if datasets is None else evaluate.CHUNK)
 
     def fit(self, directory: str, built: objectives.Built, *, steps_: int,
             evaluate_fn: loop.EvaluateFn, metadata: dict[str, Any], save_initial: bool
@@ -382,12 +425,14 @@ def _lineage(run: _Run, stage: str, cfg: ModelConfig, *, parent: Trained | None,
 # ------------------------------------------------------------------------------- a stage
 
 
-def run_datasets(config: CascadeConfig, *, seed: int) -> data.Datasets:
+def run_datasets(config: CascadeConfig, *, seed: int,
+                 data_config: data.DataConfig | None = None) -> data.Datasets:
     """The run's data: its task's prompt/completion batches when it has a `config.task`,
-    else `config.data`'s text."""
+    else `config.data`'s text; `data_config` (a stage's rows) replaces `config.data`."""
+    data_config = data_config or config.data
     if config.task is not None:
-        return config.task.datasets(config.data, seed=seed)
-    return data.datasets_from_config(config.data, seed=seed)
+        return config.task.datasets(data_config, seed=seed)
+    return data.datasets_from_config(data_config, seed=seed)
 
 
 def _calibration_batches(run: _Run, stage_index: int) -> Iterator[dict[str, np.ndarray]]:
@@ -402,7 +447,12 @@ def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
     if stage.init == "random":
         return child_model(parent.cfg, stage), None, {"init": "random"}
     if stage.init == "parent":
-        return parent.cfg, parent.params, {"init": "parent"}
+        child_cfg = child_model(parent.cfg, stage)
+        record: dict[str, Any] = {"init": "parent"}
+        if stage.context is not None:
+            record["context"] = _context_record(stage, parent.cfg, child_cfg)
+            record["loss_by_position"] = _positions_before(run, stage, parent, child_cfg)
+        return child_cfg, parent.params, record
     importance_path = os.path.join(directory, "importance.npz")
     if os.path.exists(importance_path):
         scores = prune.Importance.load(importance_path, parent.cfg)
@@ -481,11 +531,13 @@ def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]
                                                  started=started)
         tokens = _train_stage(run, stage, child_cfg, child_params, parent, teacher, record)
         trained = _final_state_params(directory, child_cfg, run.mesh)
-        _write_result(result_path, _result(stage.name, child_cfg, tokens,
-                                           time.perf_counter() - start, directory,
-                                           stage.baseline, teacher.name,
-                                           _checkpoint_fingerprint(directory),
-                                           task_columns(run, child_cfg, trained)))
+        result = _result(stage.name, child_cfg, tokens, time.perf_counter() - start,
+                         directory, stage.baseline, teacher.name,
+                         _checkpoint_fingerprint(directory),
+                         task_columns(run, child_cfg, trained))
+        if stage.context is not None:
+            result.update(_positions_after(run, stage, child_cfg, trained, record))
+        _write_result(result_path, result)
     return _finish_stage(run, stage)
 
 
@@ -506,29 +558,33 @@ def _context(run: _Run, stage: StageConfig, cfg: ModelConfig,
     """What the stage's objective builds its training from."""
     objective = objectives.get(stage.objective)
     optimizer = steps.make_optimizer(total_steps=stage.steps, **stage.optim.optimizer_kwargs())
+    datasets = run.stage_datasets(stage)  # a context stage's rows are its own length
     return StageContext(
         stage_name=stage.name, student=cfg, child_params=child_params,
         teacher=teacher if objective.uses_teacher else None, settings=stage.settings,
         mesh=run.mesh, optimizer=optimizer, rng=rng, grad_accum=stage.grad_accum,
-        train_batches=lambda: iter(run.datasets.train),
+        train_batches=lambda: iter(datasets.train),
         task=None if run.config.task is None else run.config.task.task,
-        directory=run.stage_dir(stage.name), tokenizer=run.datasets.tokenizer,
-        data=run.config.data, seed=run.config.seed)
+        directory=run.stage_dir(stage.name), tokenizer=datasets.tokenizer,
+        data=stage_data(run.config, stage), seed=run.config.seed)
 
 
 def _train_stage(run: _Run, stage: StageConfig, cfg: ModelConfig,
                  child_params: model.Params | None, parent: Trained, teacher: Trained,
                  record: dict[str, Any]) -> int:
+    datasets = run.stage_datasets(stage)
     built = objectives.get(stage.objective).build(
         _context(run, stage, cfg, child_params, teacher, jax.random.key(run.config.seed + 1)))
     metadata = _lineage(run, stage.name, cfg, parent=parent,
                         extra={"teacher": teacher.directory, "objective": stage.objective,
                                "importance": record.get("importance"),
                                "record": record.get("record"), "target": stage.target.to_dict(),
-                               **built.lineage})
+                               "context": record.get("context"), **built.lineage})
+    # KL to a teacher is measured only on rows it takes (a context stage's may be longer).
+    judge = teacher if _covers(teacher.cfg, stage_data(run.config, stage)) else None
     return run.fit(run.stage_dir(stage.name), built, steps_=stage.steps,
-                   evaluate_fn=run.evaluator(cfg, teacher), metadata=metadata,
-                   save_initial=True)[1]
+                   evaluate_fn=run.evaluator(cfg, judge, stage.context and datasets),
+                   metadata=metadata, save_initial=True)[1]
 
 
 # ------------------------------------------------------------------------- a group of stages
@@ -652,6 +708,53 @@ def _units(stages: tuple[StageConfig, ...]) -> list[list[tuple[int, StageConfig]
     return units
 
 
+# ----------------------------------------------------------------- context extension
+
+
+def _context_record(stage: StageConfig, parent: ModelConfig, child: ModelConfig
+                    ) -> dict[str, Any]:
+    """What a context stage changed (lineage): the block, and each changed model field as
+    [parent's, child's]."""
+    before, after = parent.to_dict(), child.to_dict()
+    return {**stage.context.to_dict(),
+            "changed": {name: [before[name], after[name]] for name in after
+                        if before[name] != after[name]}}
+
+
+def _bucket_losses(run: _Run, stage: StageConfig, cfg: ModelConfig, params: model.Params,
+                   edges: tuple[int, ...]) -> dict[str, list[float]]:
+    cadence = run.config.cadence
+    return evaluate.losses_by_position(
+        cfg, params, iter(run.stage_datasets(stage).validation), edges, run.mesh,
+        max_batches=cadence.eval_batches or None, micro_batches=cadence.eval_micro_batches)
+
+
+def _positions_before(run: _Run, stage: StageConfig, parent: Trained, child_cfg: ModelConfig
+                      ) -> dict[str, list[float]]:
+    """Validation loss by position bucket on the stage's long rows before training: the
+    parent as it is (its own RoPE, beyond the length it was trained at; run the child's way,
+    e.g. its attention blocks) and the untrained child (the parent's weights, the new RoPE)."""
+    edges = stage.context.bucket_edges(parent.cfg, child_cfg)
+    parent_rope = child_cfg.replace(rope_theta=parent.cfg.rope_theta,
+                                    rope_scaling=parent.cfg.rope_scaling,
+                                    query_scale_beta=parent.cfg.query_scale_beta)
+    as_parent = _bucket_losses(run, stage, parent_rope, parent.params, edges)
+    as_child = (as_parent if parent_rope == child_cfg
+                else _bucket_losses(run, stage, child_cfg, parent.params, edges))
+    return {"edges": as_parent["edges"], "tokens": as_parent["tokens"],
+            "parent": as_parent["loss"], "init": as_child["loss"]}
+
+
+def _positions_after(run: _Run, stage: StageConfig, cfg: ModelConfig, params: model.Params,
+                     record: dict[str, Any]) -> dict[str, Any]:
+    """The result row's context columns: its row length and the bucketed losses before
+    (from the stage record) and after training."""
+    before = record["loss_by_position"]
+    after = _bucket_losses(run, stage, cfg, params, tuple(before["edges"]))
+    return {"seq_len": stage.context.seq_len,
+            "loss_by_position": {**before, "trained": after["loss"]}}
+
+
 # ----------------------------------------------------------------------------- the results
 
 
@@ -662,8 +765,9 @@ COLUMNS = ("stage", "baseline", "teacher", "params", "tokens", "validation_loss"
 def columns(results: list[dict[str, Any]]) -> tuple[str, ...]:
     """The table's columns: `COLUMNS`, with a task run's scores by generation (pass@1, ...)
     before `wall_s`."""
-    extra = [name for r in results for name in r
-             if name not in COLUMNS and name != "fingerprint"]
+    extra = [name for r in results for name, value in r.items()
+             if name not in COLUMNS and name != "fingerprint"
+             and not isinstance(value, dict | list)]  # per-bucket losses: positions.md
     extra = list(dict.fromkeys(extra))
     return (*COLUMNS[:-1], *extra, COLUMNS[-1])
 
@@ -694,6 +798,32 @@ def results_markdown(results: list[dict[str, Any]]) -> str:
     rule = "|" + "|".join("---" for _ in names) + "|"
     rows = ["| " + " | ".join(_cell(c, r.get(c, "")) for c in names) + " |" for r in results]
     return "\n".join([header, rule, *rows]) + "\n"
+
+
+POSITION_ROWS = (("parent", "parent, its own RoPE"), ("init", "child untrained (new RoPE)"),
+                 ("trained", "child trained"))
+
+
+def positions_markdown(results: list[dict[str, Any]]) -> str:
+    """Validation loss by position bucket of every context stage: the parent beyond its
+    context, the child before and after training (nats/token; tokens counted per bucket)."""
+    tables = []
+    for r in results:
+        found = r.get("loss_by_position")
+        if not found:
+            continue
+        edges = found["edges"]
+        names = [f"[{lo}, {hi})" for lo, hi in itertools.pairwise(edges)]
+        lines = [f"{r['stage']} (rows of {r.get('seq_len', edges[-1])} tokens)", "",
+                 "| model | " + " | ".join(names) + " |",
+                 "|---|" + "|".join("---" for _ in names) + "|"]
+        for key, label in POSITION_ROWS:
+            if key in found:
+                lines.append(f"| {label} | " + " | ".join(
+                    "–" if v != v else f"{v:.3f}" for v in found[key]) + " |")
+        lines.append("| tokens | " + " | ".join(f"{t:.0f}" for t in found["tokens"]) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + ("\n" if tables else "")
 
 
 def _loss_label(run_dir: str, name: str) -> str:
@@ -744,6 +874,10 @@ def write_report(run_dir: str, results: list[dict[str, Any]]) -> None:
     files.atomic_write(os.path.join(run_dir, "results.md"), lambda f: f.write(markdown.encode()))
     table = results_csv(results)
     files.atomic_write(os.path.join(run_dir, "results.csv"), lambda f: f.write(table.encode()))
+    positions = positions_markdown(results)
+    if positions:
+        files.atomic_write(os.path.join(run_dir, "positions.md"),
+                           lambda f: f.write(positions.encode()))
     fig = plot_loss_curves(run_dir, [r["stage"] for r in results])
     files.atomic_write(os.path.join(run_dir, "loss_curves.png"),
                        lambda f: fig.savefig(f, format="png", dpi=110))
@@ -782,6 +916,10 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
     mesh = sharding.make_mesh(**config.mesh.sizes())
     for micro in {1, config.cadence.eval_micro_batches, *(s.grad_accum for s in config.stages)}:
         sharding.check_batch_split(config.data.batch_size, mesh, micro)
+    for stage in config.stages:
+        if stage.context is not None:
+            for micro in {1, config.cadence.eval_micro_batches, stage.grad_accum}:
+                sharding.check_batch_split(stage_data(config, stage).batch_size, mesh, micro)
     root_cfg = root_model(config.root)
     for name, cfg in plan_models(config, root_cfg).items():
         check_positions(cfg, config.data.seq_len, name)

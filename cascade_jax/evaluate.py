@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -30,7 +31,8 @@ Metrics = dict[str, jax.Array]
 
 # KL(teacher ‖ student) at T = 1: what "KL to teacher" means in a results table. The fused
 # loss pads L to a multiple of the chunk (a shorter L is one chunk), so every length is fused.
-_KL_SPEC = losses.LossSpec(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=256)
+CHUNK = 256  # positions per logits block of every fused or chunked evaluation
+_KL_SPEC = losses.LossSpec(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=CHUNK)
 
 
 def teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, params: model.Params,
@@ -67,17 +69,19 @@ def jit_teacher_metric_sums(cfg: ModelConfig, teacher_cfg: ModelConfig, mesh: Me
 
 def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[str, np.ndarray]]],
               *, max_batches: int | None = None, teacher_cfg: ModelConfig | None = None,
-              teacher_params: model.Params | None = None, micro_batches: int = 1
-              ) -> Callable[[model.Params], dict[str, float]]:
+              teacher_params: model.Params | None = None, micro_batches: int = 1,
+              chunk_size: int | None = None) -> Callable[[model.Params], dict[str, float]]:
     """`params -> {loss, perplexity, tokens, [accuracy | kl_to_teacher, top1_agreement]}`
     over a fresh pass of `batches()` (the validation split): what `loop.fit` calls every
     `eval_every` steps.
 
     With a teacher, the figures include forward KL to it and top-1 agreement with it.
-    `micro_batches` splits each batch (scanned) when its activations would not fit at once.
+    `micro_batches` splits each batch (scanned) when its activations would not fit at once;
+    `chunk_size` makes a teacher-free evaluation's logits a block of positions at a time (with
+    a teacher it is always fused).
     """
     if teacher_cfg is None:
-        step = steps.jit_eval_sums(cfg, mesh, micro_batches=micro_batches)
+        step = steps.jit_eval_sums(cfg, mesh, micro_batches=micro_batches, chunk_size=chunk_size)
     else:
         with_teacher = jit_teacher_metric_sums(cfg, teacher_cfg, mesh,
                                                micro_batches=micro_batches)
@@ -90,6 +94,82 @@ def evaluator(cfg: ModelConfig, mesh: Mesh, batches: Callable[[], Iterable[dict[
 
     return evaluate
 
+
+# -------------------------------------------------------------- loss by position bucket
+
+
+def position_buckets(positions_BL: jax.Array, edges: Sequence[int]) -> jax.Array:
+    """[B, L, K] float32 one-hot of the bucket [edges[k], edges[k+1]) each position falls in
+    (all zero past the last edge): K = len(edges) - 1 small weights, never [B, L, V]."""
+    lo_K, hi_K = np.asarray(edges[:-1]), np.asarray(edges[1:])
+    at_BL1 = positions_BL[..., None]
+    return ((at_BL1 >= lo_K) & (at_BL1 < hi_K)).astype(jnp.float32)
+
+
+def position_loss_sums(cfg: ModelConfig, params: model.Params, batch: Batch,
+                       edges: Sequence[int], chunk_size: int | None = CHUNK) -> Metrics:
+    """`loss_sum_K` and `count_K`: the evaluation CE of `steps.ce_sums` with each target
+    weighted into the bucket of the position predicting it (its segment position: the context
+    it sees is that many tokens + 1). Where a long context helps is where these differ.
+    Logits are made `chunk_size` positions at a time (None: whole rows)."""
+    tokens_BL, segment_ids_BL = batch["tokens"], batch.get("segment_ids")
+    positions_BL = batch.get("positions")
+    if positions_BL is None:
+        positions_BL = model.positions_from_segments(
+            jnp.ones_like(tokens_BL) if segment_ids_BL is None else segment_ids_BL)
+    targets_BL, weights_BL = lm.next_token_targets(batch)
+    if chunk_size is None:
+        nll_BL = lm.token_nll(model.forward(cfg, params, tokens_BL, segment_ids_BL,
+                                            positions_BL), targets_BL)
+    else:
+        nll_BL, _ = lm.chunked_nll_and_hits(
+            model.hidden_states(cfg, params, tokens_BL, segment_ids_BL, positions_BL),
+            model.lm_head_weights(cfg, params), targets_BL, chunk_size)
+    weights_BLK = position_buckets(positions_BL, edges) * weights_BL[..., None]
+    return {"loss_sum_K": jnp.einsum("BL,BLK->K", jnp.where(weights_BL > 0, nll_BL, 0.0),
+                                     weights_BLK),
+            "count_K": jnp.sum(weights_BLK, axis=(0, 1))}
+
+
+def jit_position_loss_sums(cfg: ModelConfig, mesh: Mesh, edges: Sequence[int], *,
+                           micro_batches: int = 1, chunk_size: int | None = CHUNK,
+                           rules: Any = sharding.DEFAULT_RULES
+                           ) -> Callable[[model.Params, Batch], Metrics]:
+    """`position_loss_sums` compiled for `mesh`, the batch scanned as `micro_batches`."""
+    edges = tuple(int(e) for e in edges)
+
+    def sums(params: model.Params, batch: Batch) -> Metrics:
+        return steps.sum_over_micro_batches(
+            functools.partial(position_loss_sums, cfg, params, edges=edges,
+                              chunk_size=chunk_size), micro_batches, batch)
+
+    return jax.jit(sharding.traced_on_mesh(sums, mesh, rules),
+                   in_shardings=(sharding.param_shardings(cfg, mesh, rules),
+                                 sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def losses_by_position(cfg: ModelConfig, params: model.Params,
+                       batches: Iterable[dict[str, np.ndarray]], edges: Sequence[int],
+                       mesh: Mesh, *, max_batches: int | None = None, micro_batches: int = 1,
+                       chunk_size: int | None = CHUNK) -> dict[str, list[float]]:
+    """Validation loss per position bucket over a finite stream of host batches:
+    `{"edges": [0, e1, ..., L], "loss": [K] nats/token (NaN for an empty bucket),
+    "tokens": [K] targets counted}`. A model run beyond the length it was trained at shows it
+    here first: its later buckets' loss rises (context extension, arXiv 2309.00071)."""
+    step = jit_position_loss_sums(cfg, mesh, edges, micro_batches=micro_batches,
+                                  chunk_size=chunk_size)
+    loss_K = np.zeros(len(edges) - 1)
+    count_K = np.zeros(len(edges) - 1)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        sums = jax.device_get(step(params, sharding.shard_batch(batch, mesh)))
+        loss_K += np.asarray(sums["loss_sum_K"], np.float64)
+        count_K += np.asarray(sums["count_K"], np.float64)
+    mean_K = np.divide(loss_K, count_K, out=np.full_like(loss_K, np.nan), where=count_K > 0)
+    return {"edges": [int(e) for e in edges], "loss": [float(v) for v in mean_K],
+            "tokens": [float(c) for c in count_K]}
 
 
 # ------------------------------------------------------------------- scores by generation

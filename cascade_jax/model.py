@@ -205,14 +205,27 @@ def apply_rope(x_BLHE: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array) -> j
 
 def attention_mask(segment_ids_BL: jax.Array, sliding_window: int | None) -> jax.Array:
     """[B, L, M] bool: causal, within the same packed segment, and inside the window if any."""
-    length = segment_ids_BL.shape[1]
-    q_idx = jnp.arange(length)[:, None]
-    k_idx = jnp.arange(length)[None, :]
-    allowed_LM = k_idx <= q_idx
+    return mask_block(segment_ids_BL, segment_ids_BL, 0, sliding_window)
+
+
+def mask_block(q_segment_ids_BC: jax.Array, segment_ids_BM: jax.Array, q_start: Any,
+               sliding_window: int | None) -> jax.Array:
+    """[B, C, M] bool: `attention_mask`'s rows for the C queries from position `q_start`."""
+    q_idx = q_start + jnp.arange(q_segment_ids_BC.shape[1])[:, None]
+    k_idx = jnp.arange(segment_ids_BM.shape[1])[None, :]
+    allowed_CM = k_idx <= q_idx
     if sliding_window is not None:
-        allowed_LM &= q_idx - k_idx < sliding_window
-    same_segment_BLM = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    return allowed_LM[None] & same_segment_BLM
+        allowed_CM &= q_idx - k_idx < sliding_window
+    same_segment_BCM = q_segment_ids_BC[:, :, None] == segment_ids_BM[:, None, :]
+    return allowed_CM[None] & same_segment_BCM
+
+
+class SegmentMask(NamedTuple):
+    """`attention_mask` kept as its [B, L] segment ids, for attention in query blocks to build
+    one block's [B, C, M] rows at a time: the whole [B, L, L] mask is 64 GiB a row at 262k
+    tokens (Ministral 3's context)."""
+
+    segment_ids_BL: jax.Array
 
 
 def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
@@ -239,21 +252,37 @@ def attend(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array, mask_BLM: j
 
 
 def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
-                     mask_BLM: jax.Array, chunk: int) -> jax.Array:
+                     mask_BLM: jax.Array | SegmentMask, chunk: int,
+                     sliding_window: int | None = None) -> jax.Array:
     """`attend`, `chunk` queries at a time: the same softmax over all keys per query, so the
     same result, with only one block's [B, K, chunk, G, M] scores live. Each block is
-    rematerialised in the backward pass (a checkpointed `lax.map`)."""
+    rematerialised in the backward pass (a checkpointed `lax.map`). A `SegmentMask` (with the
+    `sliding_window` it stands for) is expanded one block at a time, inside the block."""
     length = q_BLKGE.shape[1]
     if length % chunk:
         raise ValueError(f"attention_chunk={chunk} does not divide the sequence length "
                          f"{length}; choose a divisor of {length} (or None)")
-    q_nBCKGE, mask_nBCM = chunks.split(q_BLKGE, chunk), chunks.split(mask_BLM, chunk)
+    q_nBCKGE = chunks.split(q_BLKGE, chunk)
+    if isinstance(mask_BLM, SegmentMask):
+        segment_ids_BL = mask_BLM.segment_ids_BL
+        starts_n = jnp.arange(q_nBCKGE.shape[0]) * chunk
+
+        def block_mask(segment_ids_BC: jax.Array, start: jax.Array) -> jax.Array:
+            return mask_block(segment_ids_BC, segment_ids_BL, start, sliding_window)
+
+        inputs = (q_nBCKGE, chunks.split(segment_ids_BL, chunk), starts_n)
+    else:
+
+        def block_mask(mask_BCM: jax.Array) -> jax.Array:
+            return mask_BCM
+
+        inputs = (q_nBCKGE, chunks.split(mask_BLM, chunk))
 
     @jax.checkpoint
-    def block(q_and_mask: tuple[jax.Array, jax.Array]) -> jax.Array:
-        return attend(q_and_mask[0], k_BMKE, v_BMKE, q_and_mask[1])
+    def block(q_and_mask: tuple[jax.Array, ...]) -> jax.Array:
+        return attend(q_and_mask[0], k_BMKE, v_BMKE, block_mask(*q_and_mask[1:]))
 
-    return chunks.merge(jax.lax.map(block, (q_nBCKGE, mask_nBCM)), length)
+    return chunks.merge(jax.lax.map(block, inputs), length)
 
 
 def _attention_params(module: nn.Module, cfg: ModelConfig) -> Params:
@@ -310,8 +339,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, tables: PositionTables, mask_BLM: jax.Array
-                 ) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, tables: PositionTables,
+                 mask_BLM: jax.Array | SegmentMask) -> jax.Array:
         cfg = self.cfg
         w = _attention_params(self, cfg)
         q_BLKGE, k_BMKE, v_BMKE = _queries_keys_values(cfg, w, x_BLD, tables)
@@ -336,13 +365,16 @@ def _queries_keys_values(cfg: ModelConfig, w: Params, x_BLD: jax.Array,
 
 
 def _attend_heads(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
-                  mask_BLM: jax.Array) -> jax.Array:
+                  mask_BLM: jax.Array | SegmentMask) -> jax.Array:
     """Every query head's attention output, [B, L, H, E] (in query blocks if configured)."""
     batch, length = q_BLKGE.shape[:2]
     if cfg.attention_chunk is None or cfg.attention_chunk >= length:
+        if isinstance(mask_BLM, SegmentMask):
+            mask_BLM = attention_mask(mask_BLM.segment_ids_BL, cfg.sliding_window)
         out_BLKGE = attend(q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
     else:
-        out_BLKGE = attend_in_chunks(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.attention_chunk)
+        out_BLKGE = attend_in_chunks(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.attention_chunk,
+                                     cfg.sliding_window)
     return out_BLKGE.reshape(batch, length, cfg.n_heads, cfg.head_dim)
 
 
@@ -389,8 +421,8 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, tables: PositionTables, mask_BLM: jax.Array
-                 ) -> tuple[jax.Array, None]:
+    def __call__(self, x_BLD: jax.Array, tables: PositionTables,
+                 mask_BLM: jax.Array | SegmentMask) -> tuple[jax.Array, None]:
         x_BLD = constrain_residual(x_BLD)
         self.sow("intermediates", "block_in", x_BLD)
         h_BLD = RMSNorm(self.cfg, name="attn_norm")(x_BLD)
@@ -457,7 +489,7 @@ class Decoder(nn.Module):
         if positions_BL is None:
             positions_BL = positions_from_segments(segment_ids_BL)
         tables = position_tables(cfg, positions_BL)
-        mask_BLM = attention_mask(segment_ids_BL, cfg.sliding_window)
+        mask_BLM = SegmentMask(segment_ids_BL)  # expanded by each attention (block) that uses it
         x_BLD = self.embed(tokens_BL)
         x_BLD, _ = self.layers(x_BLD, tables, mask_BLM)
         x_BLD = self.final_norm(x_BLD)

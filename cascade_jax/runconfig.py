@@ -14,12 +14,13 @@ A stage's objective-specific settings live in a block named after the objective
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from cascade_jax import objectives, prompts, validate
-from cascade_jax.config import ModelConfig
+from cascade_jax.config import ModelConfig, RopeScaling, rope_scaling_from
 from cascade_jax.data import DataConfig
 from cascade_jax.prompts import TaskConfig
 from cascade_jax.prune import Target
@@ -29,6 +30,7 @@ ROOT = "root"
 ROOT_KINDS = ("scratch", "hf", "orbax")
 INITS = ("pruned", "random", "parent")
 PARENT = "parent"  # teacher = the stage's parent
+PLAIN_ROPE = "none"  # context.rope_scaling kind: the child drops the parent's scaling
 
 
 def _key(prefix: str, name: str) -> str:
@@ -192,6 +194,155 @@ def model_config(block: Any, key: str) -> ModelConfig:
     return validate.construct(ModelConfig, as_dict(block, key), key)
 
 
+@dataclasses.dataclass(frozen=True)
+class ContextConfig:
+    """A context-extension stage (`stages.<name>.context`): the child is its parent with a
+    longer context and (optionally) a new RoPE, trained and evaluated on its own longer rows.
+    Ministral 3 (arXiv 2601.08584) extends each size from 16k to 256k this way with YaRN
+    (arXiv 2309.00071) and its query scale.
+
+    max_seq_len: the child's context (the positions it takes); at least the parent's.
+    seq_len: tokens per packed row of the stage's own data, built from config.data with this
+      length (None: max_seq_len). batch_size: its global rows per step (None: config.data's).
+    rope_theta, query_scale_beta, attention_chunk: the child's (None: the parent's);
+      query_scale_beta=0 turns the query scale off.
+    rope_scaling: a block with `kind` ('yarn', 'llama3', or 'none' for plain RoPE) and that
+      kind's `ModelConfig.rope_scaling` fields; None: the parent's.
+    buckets: the position-bucket edges (0, ..., seq_len) the stage reports validation loss by;
+      None: doubling from the original length (the child's scaling's
+      original_max_position_embeddings, else the parent's max_seq_len) up to seq_len.
+    """
+
+    max_seq_len: int
+    seq_len: int | None = None
+    batch_size: int | None = None
+    rope_theta: float | None = None
+    rope_scaling: RopeScaling | str | None = None
+    query_scale_beta: float | None = None
+    attention_chunk: int | None = None
+    buckets: tuple[int, ...] | None = None
+    key: str = dataclasses.field(default="context", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        validate.positive_int(_key(k, "max_seq_len"), self.max_seq_len)
+        if self.seq_len is None:
+            object.__setattr__(self, "seq_len", self.max_seq_len)
+        validate.number(_key(k, "seq_len"), self.seq_len, low=2, high=self.max_seq_len,
+                        hint=f"rows no longer than {_key(k, 'max_seq_len')}")
+        validate.positive_int(_key(k, "seq_len"), self.seq_len)
+        validate.optional_positive_int(_key(k, "batch_size"), self.batch_size,
+                                       "or None: config.data.batch_size")
+        if self.rope_theta is not None:
+            validate.positive_number(_key(k, "rope_theta"), self.rope_theta,
+                                     "or None: the parent's")
+        object.__setattr__(self, "rope_scaling", _context_scaling(self.rope_scaling,
+                                                                  _key(k, "rope_scaling")))
+        if self.query_scale_beta is not None:
+            validate.number(_key(k, "query_scale_beta"), self.query_scale_beta,
+                            hint="Ministral 3 uses 0.1; 0 turns it off; None: the parent's")
+        validate.optional_positive_int(_key(k, "attention_chunk"), self.attention_chunk,
+                                       "or None: the parent's")
+        if self.attention_chunk is not None and self.seq_len % min(self.attention_chunk,
+                                                                   self.seq_len):
+            raise ValueError(f"{_key(k, 'attention_chunk')}={self.attention_chunk} does not "
+                             f"divide {_key(k, 'seq_len')}={self.seq_len}; choose a divisor")
+        if self.buckets is not None:
+            object.__setattr__(self, "buckets", _bucket_edges(self.buckets, self.seq_len,
+                                                              _key(k, "buckets")))
+
+    def child_config(self, parent: ModelConfig) -> ModelConfig:
+        """The child: `parent` with this block's context and RoPE, nothing else changed (the
+        one function `cascade.plan_models` sizes and the stage trains)."""
+        if self.max_seq_len < parent.max_seq_len:
+            raise ValueError(f"{_key(self.key, 'max_seq_len')}={self.max_seq_len} is below the "
+                             f"parent's max_seq_len={parent.max_seq_len}; a context stage "
+                             "extends the context: raise it (or drop the context block)")
+        changes: dict[str, Any] = {"max_seq_len": self.max_seq_len}
+        for name in ("rope_theta", "attention_chunk"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
+        if self.rope_scaling is not None:
+            changes["rope_scaling"] = None if self.rope_scaling == PLAIN_ROPE else self.rope_scaling
+        if self.query_scale_beta is not None:
+            changes["query_scale_beta"] = self.query_scale_beta or None
+        try:
+            return parent.replace(**changes)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.key}: {error}") from None
+
+    def data(self, data: DataConfig) -> DataConfig:
+        """The stage's rows: `data` at this block's row length (and batch size, if set)."""
+        return dataclasses.replace(data, seq_len=self.seq_len,
+                                   batch_size=self.batch_size or data.batch_size)
+
+    def bucket_edges(self, parent: ModelConfig, child: ModelConfig) -> tuple[int, ...]:
+        """`buckets`, or doubling from the length the parent's RoPE was made for."""
+        if self.buckets is not None:
+            return self.buckets
+        scaling = child.rope_scaling
+        first = (scaling.original_max_position_embeddings if scaling is not None
+                 else parent.max_seq_len)
+        return doubling_edges(first, self.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (lineage): the scaling as its tagged dict."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "key"}
+        if isinstance(self.rope_scaling, RopeScaling):
+            out["rope_scaling"] = self.rope_scaling.to_dict()
+        if self.buckets is not None:
+            out["buckets"] = list(self.buckets)
+        return out
+
+
+def doubling_edges(first: int, end: int) -> tuple[int, ...]:
+    """(0, first, 2·first, 4·first, ..., end): position buckets that grow with the distance
+    beyond a model's original context, the last one closed at `end`."""
+    edges = [0]
+    edge = first
+    while edge < end:
+        edges.append(edge)
+        edge *= 2
+    return (*edges, end)
+
+
+def _context_scaling(value: Any, key: str) -> RopeScaling | str | None:
+    """A context block's `rope_scaling`: None (the parent's), 'none' (plain RoPE) or a
+    `RopeScaling` from a block tagged by `kind` (or `rope_type`, as `ModelConfig.to_dict`
+    writes it)."""
+    if value is None or value == PLAIN_ROPE or isinstance(value, RopeScaling):
+        return value
+    fields = as_dict(value, key)
+    kinds = {fields.pop(name) for name in ("kind", "rope_type") if name in fields}
+    if len(kinds) != 1:
+        raise ValueError(f"{key}={value!r} needs one `kind`: 'yarn', 'llama3' or "
+                         f"{PLAIN_ROPE!r} (plain RoPE), e.g. dict(kind='yarn', factor=8.0, "
+                         "original_max_position_embeddings=128)")
+    kind = kinds.pop()
+    if kind == PLAIN_ROPE:
+        if fields:
+            raise ValueError(f"{key}: kind={PLAIN_ROPE!r} takes no other fields; got "
+                             f"{sorted(fields)}")
+        return PLAIN_ROPE
+    try:
+        return rope_scaling_from({"rope_type": kind, **fields})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{key}: {error}") from None
+
+
+def _bucket_edges(value: Any, seq_len: int, key: str) -> tuple[int, ...]:
+    edges = tuple(value) if isinstance(value, list | tuple) else None
+    ok = (edges is not None and len(edges) >= 2
+          and all(isinstance(e, int) and not isinstance(e, bool) for e in edges)
+          and edges[0] == 0 and edges[-1] == seq_len
+          and all(a < b for a, b in itertools.pairwise(edges)))
+    if not ok:
+        raise ValueError(f"{key}={value!r} must be increasing integer edges from 0 to the "
+                         f"stage's seq_len={seq_len}, e.g. (0, 128, 256, 512, {seq_len}) if "
+                         "those fit; or None for doubling from the original length")
+    return edges
+
+
 # ----------------------------------------------------------------- `experiments.train`
 
 
@@ -297,6 +448,8 @@ class StageConfig:
       an objective learns from (when it uses one) and that "KL to teacher" is measured against.
     grad_accum: micro-batches per step (the global batch is unchanged).
     baseline: a comparison row; it never changes what the main stages do.
+    context: with init='parent', a context extension (`ContextConfig`): new max_seq_len and
+      RoPE, the stage's own longer rows, loss by position bucket before and after.
     """
 
     name: str
@@ -314,6 +467,7 @@ class StageConfig:
     calib_batches: int = 8
     grad_accum: int = 1
     baseline: bool = False
+    context: ContextConfig | None = None
 
     @property
     def key(self) -> str:
@@ -350,6 +504,10 @@ class StageConfig:
             raise ValueError(f"{_key(k, 'init')}='parent' continues the parent unchanged, but "
                              f"{_key(k, 'target')} asks for {self.target}; drop the target or "
                              "use init='pruned'")
+        if self.context is not None and self.init != "parent":
+            raise ValueError(f"{_key(k, 'context')} changes only the parent's context and RoPE "
+                             f"and needs {_key(k, 'init')}='parent' (got {self.init!r}); prune "
+                             "in an earlier stage and extend its child in the next")
 
     @property
     def teacher_name(self) -> str:
@@ -369,7 +527,20 @@ class StageConfig:
 
 _STAGE_FIELDS = ("parent", "teacher", "objective", "target", "init", "depth_method",
                  "head_method", "hidden_method", "steps", "optim", "calib_batches",
-                 "grad_accum", "baseline")
+                 "grad_accum", "baseline", "context")
+
+
+def _context(block: Any, key: str) -> ContextConfig | None:
+    """A stage's context block, or None (absent or empty: the parent's context)."""
+    values = as_dict(block, key)
+    if not values:
+        return None
+    validate.known_keys(key, values, [f.name for f in dataclasses.fields(ContextConfig)
+                                      if f.name != "key"])
+    if "max_seq_len" not in values:
+        raise ValueError(f"{key}.max_seq_len is required: the child's context, e.g. "
+                         f"--{key}.max_seq_len=1024")
+    return ContextConfig(**values, key=key)
 
 
 def stage_config(name: str, block: Any) -> StageConfig:
@@ -394,6 +565,7 @@ def stage_config(name: str, block: Any) -> StageConfig:
     fields["target"] = validate.construct(Target, {k: v for k, v in as_dict(
         values.get("target"), _key(key, "target")).items()}, _key(key, "target"))
     fields["optim"] = _optim(values.get("optim"), _key(key, "optim"))
+    fields["context"] = _context(values.get("context"), _key(key, "context"))
     if fields.get("hidden_method") == "":
         fields["hidden_method"] = None  # '' in a config: d_model stays
     fields.setdefault("parent", ROOT)

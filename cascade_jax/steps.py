@@ -197,52 +197,68 @@ def jit_step(step: StepFn, state_sharding: TrainState, mesh: Mesh, *,
 # --------------------------------------------------------------------- next-token (CE) step
 
 
-def ce_sums(cfg: ModelConfig, params: model.Params, batch: Batch) -> Metrics:
+def ce_sums(cfg: ModelConfig, params: model.Params, batch: Batch,
+            chunk_size: int | None = None) -> Metrics:
     """Token-weighted sums of the next-token objective: `loss_sum` (NLL), `accuracy_sum`
-    (top-1 hits) and `count` (tokens counted)."""
-    logits_BLV = model.forward(cfg, params, batch["tokens"], batch.get("segment_ids"),
-                               batch.get("positions"))
+    (top-1 hits) and `count` (tokens counted). With `chunk_size` the logits exist one block
+    of positions at a time (`lm.chunked_nll_and_hits`): what long rows need."""
+    args = (batch["tokens"], batch.get("segment_ids"), batch.get("positions"))
     targets_BL, weights_BL = lm.next_token_targets(batch)
+    if chunk_size is not None:
+        nll_BL, hits_BL = lm.chunked_nll_and_hits(
+            model.hidden_states(cfg, params, *args), model.lm_head_weights(cfg, params),
+            targets_BL, chunk_size)
+        return {"loss_sum": jnp.sum(jnp.where(weights_BL > 0, nll_BL, 0.0) * weights_BL),
+                "accuracy_sum": jnp.sum(hits_BL * weights_BL), "count": jnp.sum(weights_BL)}
+    logits_BLV = model.forward(cfg, params, *args)
     nll_sum, count = lm.cross_entropy(logits_BLV, targets_BL, weights_BL)
     return {"loss_sum": nll_sum,
             "accuracy_sum": lm.correct_top1(logits_BLV, targets_BL, weights_BL),
             "count": count}
 
 
-def _ce_loss_sum(cfg: ModelConfig, params: model.Params, batch: Batch
-                 ) -> tuple[jax.Array, Metrics]:
+def _ce_loss_sum(cfg: ModelConfig, params: model.Params, batch: Batch,
+                 chunk_size: int | None = None) -> tuple[jax.Array, Metrics]:
     """The NLL *sum* (with metric sums): what `accumulate_grads` differentiates."""
-    sums = ce_sums(cfg, params, batch)
+    sums = ce_sums(cfg, params, batch, chunk_size)
     return sums["loss_sum"], sums
 
 
 def ce_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-                  batch: Batch, grad_accum: int = 1) -> tuple[TrainState, Metrics]:
+                  batch: Batch, grad_accum: int = 1, chunk_size: int | None = None
+                  ) -> tuple[TrainState, Metrics]:
     """One AdamW step of next-token cross-entropy on one global batch."""
-    grads, metrics = accumulate_grads(functools.partial(_ce_loss_sum, cfg), grad_accum,
-                                      state.params, batch)
+    grads, metrics = accumulate_grads(
+        functools.partial(_ce_loss_sum, cfg, chunk_size=chunk_size), grad_accum,
+        state.params, batch)
     return apply_grads(optimizer, state, grads, metrics)
 
 
 def jit_ce_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                      rules: Any = sharding.DEFAULT_RULES, *, grad_accum: int = 1
+                      rules: Any = sharding.DEFAULT_RULES, *, grad_accum: int = 1,
+                      chunk_size: int | None = None
                       ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`ce_train_step` compiled for `mesh`; the incoming state's buffers are donated."""
     validate.positive_int("grad_accum", grad_accum, "1 = the whole batch at once")
-    step = functools.partial(ce_train_step, cfg, optimizer, grad_accum=grad_accum)
+    validate.optional_positive_int("chunk_size", chunk_size, "or None: whole-row logits")
+    step = functools.partial(ce_train_step, cfg, optimizer, grad_accum=grad_accum,
+                             chunk_size=chunk_size)
     return jit_step(step, model_state_shardings(cfg, optimizer, mesh, rules), mesh, rules=rules)
 
 
 def eval_sums(cfg: ModelConfig, params: model.Params, batch: Batch,
-              micro_batches: int = 1) -> Metrics:
+              micro_batches: int = 1, chunk_size: int | None = None) -> Metrics:
     """`ce_sums` over the batch (scanned as `micro_batches` when memory asks for it)."""
-    return sum_over_micro_batches(functools.partial(ce_sums, cfg, params), micro_batches, batch)
+    return sum_over_micro_batches(functools.partial(ce_sums, cfg, params, chunk_size=chunk_size),
+                                  micro_batches, batch)
 
 
 def jit_eval_sums(cfg: ModelConfig, mesh: Mesh, rules: Any = sharding.DEFAULT_RULES, *,
-                  micro_batches: int = 1) -> Callable[[model.Params, Batch], Metrics]:
+                  micro_batches: int = 1, chunk_size: int | None = None
+                  ) -> Callable[[model.Params, Batch], Metrics]:
     validate.positive_int("micro_batches", micro_batches, "1 = the whole batch at once")
-    step = functools.partial(eval_sums, cfg, micro_batches=micro_batches)
+    validate.optional_positive_int("chunk_size", chunk_size, "or None: whole-row logits")
+    step = functools.partial(eval_sums, cfg, micro_batches=micro_batches, chunk_size=chunk_size)
     return jax.jit(sharding.traced_on_mesh(step, mesh, rules),
                    in_shardings=(sharding.param_shardings(cfg, mesh, rules),
                                  sharding.batch_sharding(mesh)),

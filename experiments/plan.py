@@ -14,10 +14,12 @@ the per-device bytes of params + optimizer state (and teacher) from the shard sh
 The mesh comes from `config.mesh`, overridden by `--mesh.data/fsdp/tensor`. A -1 axis is
 planned as 1: per-device figures depend on the data axis only through the per-device batch,
 which `--per_device_batch` fixes (the global batch is then per_device_batch × data × fsdp; by
-default it is `config.data.batch_size`). When the mesh needs more devices than this process
-has, the plan reruns itself in a subprocess on that many virtual CPU devices
-(`--xla_force_host_platform_device_count`): a CPU-compiled estimate, as XLA:CPU fuses and
-schedules differently from TPU and GPU compilers (and may keep bf16 intermediates in float32).
+default it is `config.data.batch_size`). A context stage (`stages.<name>.context`) is planned
+on its own rows: its seq_len, and its batch_size unless `--per_device_batch` is given. When
+the mesh needs more devices than this process has, the plan reruns itself in a subprocess on
+that many virtual CPU devices (`--xla_force_host_platform_device_count`): a CPU-compiled
+estimate, as XLA:CPU fuses and schedules differently from TPU and GPU compilers (and may keep
+bf16 intermediates in float32).
 """
 
 from __future__ import annotations
@@ -87,11 +89,22 @@ def global_batch(config: runconfig.CascadeConfig, sizes: dict[str, int],
 # ------------------------------------------------------------------------ the steps
 
 
-def planned_steps(config: runconfig.CascadeConfig, batch_size: int, seq_len: int
-                  ) -> list[tuple[str, str, aot.StepSpec]]:
+def stage_rows(stage: runconfig.StageConfig, batch_size: int, seq_len: int,
+               fixed_batch: bool) -> tuple[int, int]:
+    """(global batch, row length) of a stage's step: the run's, or a context stage's own rows
+    (its batch_size too, unless `--per_device_batch` fixed the batch for every step)."""
+    if stage.context is None:
+        return batch_size, seq_len
+    own_batch = stage.context.batch_size
+    return (batch_size if fixed_batch or own_batch is None else own_batch,
+            stage.context.seq_len)
+
+
+def planned_steps(config: runconfig.CascadeConfig, batch_size: int, seq_len: int, *,
+                  fixed_batch: bool = False) -> list[tuple[str, str, aot.StepSpec]]:
     """(name, teacher name, step) for the root and every stage, in run order. Shapes come from
     `cascade.plan_models` (the sizing and checks the cascade itself runs); each stage's step
-    is its objective's own `step_spec`."""
+    is its objective's own `step_spec`, on its own rows (`stage_rows`)."""
     root = config.root
     models = cascade.plan_models(config, cascade.root_model(root, from_files=False))
     if root.kind == "scratch":
@@ -107,9 +120,10 @@ def planned_steps(config: runconfig.CascadeConfig, batch_size: int, seq_len: int
         optimizer = steps_lib.make_optimizer(total_steps=stage.steps,
                                              **stage.optim.optimizer_kwargs())
         teacher = stage.teacher_name if objective.uses_teacher else ""
+        rows, length = stage_rows(stage, batch_size, seq_len, fixed_batch)
         steps.append((stage.name, teacher, objective.step_spec(
             models[stage.name], models[teacher] if teacher else None, stage.settings,
-            optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
+            optimizer=optimizer, batch_size=rows, seq_len=length,
             grad_accum=stage.grad_accum)))
     return steps
 
@@ -153,7 +167,8 @@ def run(config: runconfig.CascadeConfig | ml_collections.ConfigDict, sizes: dict
                          "itself on that many virtual CPU devices")
     mesh = sharding.make_mesh(**sizes, devices=jax.devices()[:n_devices])
     batch_size = global_batch(config, sizes, per_device_batch)
-    steps = planned_steps(config, batch_size, config.data.seq_len)
+    steps = planned_steps(config, batch_size, config.data.seq_len,
+                          fixed_batch=per_device_batch is not None)
     unknown = sorted(set(only or ()) - {name for name, _, _ in steps})
     if unknown:
         raise ValueError(f"--stages {unknown} are not in this config; choose from "

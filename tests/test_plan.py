@@ -146,7 +146,9 @@ def test_configs_of_the_published_recipes_plan_their_shapes():
     from configs import ministral3, minitron_llama31
 
     for module, want in ((ministral3, {"root": 23.57, "ministral_14b": 13.51,
-                                       "ministral_8b": 8.49, "ministral_3b": 3.43}),
+                                       "ministral_14b_long": 13.51, "ministral_8b": 8.49,
+                                       "ministral_8b_long": 8.49, "ministral_3b": 3.43,
+                                       "ministral_3b_long": 3.43}),
                          (minitron_llama31, {"root": 8.03, "minitron_4b_width": 4.51,
                                              "minitron_4b_depth": 4.54})):
         steps = plan.planned_steps(runconfig.cascade_config(module.get_config()), 64, 128)
@@ -158,5 +160,46 @@ def test_configs_of_the_published_recipes_plan_their_shapes():
     tied = {name: spec.student.tie_embeddings
             for name, _, spec in plan.planned_steps(
                 runconfig.cascade_config(ministral3.get_config()), 64, 128)}
-    assert tied == {"root": False, "ministral_14b": False, "ministral_8b": False,
-                    "ministral_3b": True}  # the published 3B is tied, its parents are not
+    assert tied == {"root": False, "ministral_14b": False, "ministral_14b_long": False,
+                    "ministral_8b": False, "ministral_8b_long": False, "ministral_3b": True,
+                    "ministral_3b_long": True}  # the published 3B is tied, its parents are not
+
+
+def test_ministral3_context_stages_follow_the_released_rope():
+    """Each size's context stage: the released RoPE (θ 1e9 for the 14B, 1e6 for the 8B and 3B,
+    YaRN ×16 over 16384, query scale β 0.1) at 262144 positions, on its own rows (KD from the
+    root on the root's 131072; `:262144` trains on 262144 with CE)."""
+    from configs import ministral3
+
+    config = runconfig.cascade_config(ministral3.get_config())
+    models = cascade.plan_models(config, cascade.root_model(config.root, from_files=False))
+    for name, theta in (("ministral_14b", 1e9), ("ministral_8b", 1e6), ("ministral_3b", 1e6)):
+        long = models[f"{name}_long"]
+        assert long.rope_theta == theta and long.max_seq_len == 262144
+        assert (long.rope_scaling.factor, long.rope_scaling.original_max_position_embeddings,
+                long.rope_scaling.attention_scale, long.query_scale_beta) == (16.0, 16384, 1.0,
+                                                                              0.1)
+        assert long.replace(rope_theta=1e9, rope_scaling=None, query_scale_beta=None,
+                            max_seq_len=131072, attention_chunk=2048) == models[name]
+        assert models[name].rope_scaling is None  # the 16k cascade keeps the root's RoPE
+    steps = {n: spec for n, _, spec in plan.planned_steps(config, 256, 16384)}
+    assert (steps["ministral_8b_long"].kind, steps["ministral_8b_long"].seq_len,
+            steps["ministral_8b_long"].batch_size) == ("distill", 131072, 64)
+    long_rows = runconfig.cascade_config(ministral3.get_config("262144"))
+    assert {s.objective for s in long_rows.stages if s.context} == {"ce"}
+
+
+def test_a_ministral3_context_stage_plans_at_262k_on_an_abstract_mesh():
+    """The 3B's context step at 262144 tokens a row, one row per device on fsdp=8: compiled
+    from abstract shapes, nothing allocated. Neither a whole [L, L] mask (64 GiB a row:
+    attention blocks build their own rows) nor [L, V] float32 logits (128 GiB: `ce.chunk_size`)
+    is among the temporaries, which measure 158 GiB (linear in L: see the README)."""
+    from configs import ministral3
+
+    row = plan.run(ministral3.get_config("262144"), {"data": 1, "fsdp": 8, "tensor": 1},
+                   per_device_batch=1, count_flops=False, only=["ministral_3b_long"])[0]
+    assert row["batch"] == "8×262144" and row["step"] == "train"
+    assert row["params"] == 3_429_006_336
+    assert row["argument_bytes"] == pytest.approx(row["state_bytes"] + row["batch_bytes"],
+                                                  rel=1e-3)
+    assert 0 < row["temp_bytes"] < 200 * 2**30

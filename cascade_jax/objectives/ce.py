@@ -17,7 +17,14 @@ from cascade_jax.objectives.base import Built, StageContext
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """`ce` has no settings of its own (the stage's optimizer and grad_accum apply)."""
+    """`ce`'s block: `chunk_size`, positions per logits block (None: whole rows). Long rows
+    need it: at 262k tokens × 131k vocabulary one row's float32 logits are 128 GiB."""
+
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        validate.optional_positive_int("chunk_size", self.chunk_size,
+                                       "or None: whole-row logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +46,8 @@ class CrossEntropy:
             return steps.place_state(optimizer, ctx.child_params, shardings)
 
         return Built(
-            step_fn=steps.jit_ce_train_step(cfg, optimizer, mesh, grad_accum=ctx.grad_accum),
+            step_fn=steps.jit_ce_train_step(cfg, optimizer, mesh, grad_accum=ctx.grad_accum,
+                                            chunk_size=ctx.settings.chunk_size),
             abstract_state=steps.abstract_state(optimizer, model.param_shapes(cfg), shardings),
             make_state=make_state, batches=ctx.train_batches())
 
@@ -47,4 +55,4 @@ class CrossEntropy:
                   *, optimizer: Any, batch_size: int, seq_len: int, grad_accum: int
                   ) -> aot.StepSpec:
         return aot.StepSpec("train", student, batch_size, seq_len, optimizer,
-                            micro_batches=grad_accum)
+                            micro_batches=grad_accum, loss_chunk=settings.chunk_size)
