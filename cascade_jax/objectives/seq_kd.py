@@ -38,7 +38,8 @@ class Settings:
     prompt). keep: 'all' | 'correct' (rejection sampling) | 'well_formed'. answers_only:
     train on the final answer lines only. source: a JSONL file of an external teacher's
     `{"prompt", "completion"}` outputs, or another stage's `teacher_data` directory ('' =
-    sample the stage's teacher)."""
+    sample the stage's teacher). chunk_size: positions per logits block of the student's CE
+    step (`ce`'s setting)."""
 
     samples_per_prompt: int = 1
     prompts: int | None = 2000
@@ -49,6 +50,7 @@ class Settings:
     answers_only: bool = False
     source: str = ""
     prompts_per_part: int = 256
+    chunk_size: int | None = None  # the student's CE step, as `ce`'s block
 
     def __post_init__(self) -> None:
         from cascade_jax import generate, teacher_data
@@ -62,6 +64,8 @@ class Settings:
         validate.boolean("answers_only", self.answers_only)
         validate.string("source", self.source, hint="'' samples the teacher; or a .jsonl path")
         validate.positive_int("prompts_per_part", self.prompts_per_part)
+        validate.optional_positive_int("chunk_size", self.chunk_size,
+                                       "or None: whole-row logits")
         if self.source and not os.path.exists(self.source):
             raise ValueError(f"source={self.source!r} does not exist; give a JSONL file of "
                              "teacher outputs (or another stage's teacher_data directory), "
