@@ -36,12 +36,19 @@ def summarize(totals: dict[str, float]) -> dict[str, float]:
     """Accumulated metric sums -> per-token means.
 
     Every `<name>_sum` becomes `<name>` (loss, ce, kd, accuracy, kl_to_teacher,
-    top1_agreement, hidden, ...) divided by `count`; perplexity is exp of the cross-entropy
-    (`ce` when the loss is a KD objective, else `loss`); `tokens` is the count.
+    top1_agreement, hidden, ...) divided by `count`, or by `<name>_count` when the metric
+    counts other items than the step's tokens (e.g. GRPO's ratio statistics, over the tokens
+    of the groups that entered the loss only); perplexity is exp of the cross-entropy (`ce`
+    when the loss is a KD objective, else `loss`); `tokens` is the count.
     """
     count = max(totals.get("count", 0.0), 1.0)
-    out = {name.removesuffix("_sum"): value / count for name, value in totals.items()
-           if name.endswith("_sum")}
+
+    def denominator(name: str) -> float:
+        own = totals.get(name.removesuffix("_sum") + "_count")
+        return count if own is None else max(own, 1.0)
+
+    out = {name.removesuffix("_sum"): value / denominator(name)
+           for name, value in totals.items() if name.endswith("_sum")}
     out.setdefault("loss", 0.0)
     out["perplexity"] = math.exp(min(out.get("ce", out["loss"]), 80.0))
     out["tokens"] = totals.get("count", 0.0)

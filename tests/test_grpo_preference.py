@@ -487,3 +487,17 @@ def test_offline_pairs_are_refused_by_line(tmp_path):
                                 optimizer=steps.make_optimizer(lr=1e-3, total_steps=10),
                                 batch_size=8, seq_len=32, grad_accum=2)
     assert (spec.kind, spec.batch_size, spec.micro_batches) == ("train", 16, 2)
+
+
+def test_metrics_with_their_own_count_are_averaged_over_it():
+    """GRPO's ratio statistics count only the tokens that entered the loss: a step whose
+    groups were all skipped (0 such tokens) must not pull their mean towards 0."""
+    from cascade_jax import loop
+
+    # step 1: 30 completion tokens, 10 entered the loss with ratio 1.0; step 2: all skipped
+    totals = {"loss_sum": 6.0, "count": 60.0, "ratio_mean_sum": 10.0 * 1.0 + 0.0,
+              "ratio_mean_count": 10.0 + 0.0}
+    summary = loop.summarize(totals)
+    assert summary["ratio_mean"] == 1.0
+    assert summary["loss"] == 0.1 and summary["tokens"] == 60.0
+    assert "ratio_mean_count" not in summary

@@ -245,7 +245,8 @@ def step_metrics(metrics_U: steps.Metrics, batch: steps.Batch, old_BL: jax.Array
                  teacher_BL: jax.Array | None, group_size: int) -> steps.Metrics:
     """Per-update metrics [μ] -> the loop's `<name>_sum` + `count` (count = completion
     tokens). `loss`, `pg_loss`, `kl`: the first update's (the loss before this step moved the
-    policy); ratio and clip statistics: the mean over the μ updates; `final_loss`: the last
+    policy); ratio and clip statistics: the mean over the μ updates, over the tokens that
+    entered the loss (`<name>_count`, which `loop.summarize` divides by); `final_loss`: the last
     update's; row means (reward, correct, well_formed, length, equal_groups) times count."""
     weights_BL = lm.next_token_targets(batch)[1]
     count = jnp.sum(weights_BL)
@@ -266,8 +267,12 @@ def step_metrics(metrics_U: steps.Metrics, batch: steps.Batch, old_BL: jax.Array
            "sampler_mismatch_sum": token_sum(jnp.abs(old_BL - batch["sampler_logprobs"])),
            "grad_norm": jnp.max(metrics_U["grad_norm"]),
            "count": count}
+    # token means over the tokens that entered the loss (groups skipped for equal rewards
+    # have none), each with that count as its own denominator (`loop.summarize`)
+    kept_U = metrics_U["count"]
     for name in ("ratio_mean", "clip_fraction_low", "clip_fraction_high", "policy_drift"):
-        out[f"{name}_sum"] = jnp.mean(metrics_U[name]) * count
+        out[f"{name}_sum"] = jnp.mean(metrics_U[name] * kept_U)
+        out[f"{name}_count"] = jnp.mean(kept_U)
     for name in ROW_FEATURES:
         out[f"{name}_sum"] = jnp.mean(batch[name][:, 0]) * count
     if teacher_BL is not None:
