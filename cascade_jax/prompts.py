@@ -134,12 +134,9 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: tokenizers.Tokeniz
                        eos_id=eos)
 
 
-def pair_dataset(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
-                 shuffle: bool = True, num_epochs: int | None = None,
-                 shard_index: int | None = None, shard_count: int | None = None
-                 ) -> grain.IterDataset:
-    """Packed [batch_size, seq_len] batches of whole pairs with their `loss_mask`; sharding,
-    epochs and iterator state as `data.make_lm_dataset` (`batch_size` is rows per host)."""
+def check_pairs_fit(pairs: TokenPairs, seq_len: int) -> None:
+    """Every pair fits a row whole: a truncated completion would teach the model to stop
+    without its answer."""
     lengths = pairs.lengths()
     too_long = lengths > seq_len
     if too_long.any():
@@ -147,6 +144,15 @@ def pair_dataset(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
                          f"longer than seq_len={seq_len} (the longest has {int(lengths.max())} "
                          "tokens, EOS included); raise seq_len (and max_seq_len) or drop them: "
                          "a pair is never cut")
+
+
+def pair_dataset(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 shard_index: int | None = None, shard_count: int | None = None
+                 ) -> grain.IterDataset:
+    """Packed [batch_size, seq_len] batches of whole pairs with their `loss_mask`; sharding,
+    epochs and iterator state as `data.make_lm_dataset` (`batch_size` is rows per host)."""
+    check_pairs_fit(pairs, seq_len)
     return data.pack_examples(grain.MapDataset.source(pairs), seq_len=seq_len,
                               batch_size=batch_size, seed=seed, extra=(LOSS_MASK,),
                               shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
@@ -174,11 +180,7 @@ def pair_rows(pairs: TokenPairs, *, seq_len: int, batch_size: int, seed: int,
     hosts read disjoint pairs; the iterator's position is checkpointable like `pair_dataset`'s.
     """
     data._check_rows(seq_len, batch_size)
-    lengths = pairs.lengths()
-    if (lengths > seq_len).any():
-        raise ValueError(f"{int((lengths > seq_len).sum())} of {len(pairs)} prompt/completion "
-                         f"pairs are longer than seq_len={seq_len} (the longest has "
-                         f"{int(lengths.max())} tokens); raise seq_len or drop them")
+    check_pairs_fit(pairs, seq_len)
     if shard_index is None or shard_count is None:
         import jax
 

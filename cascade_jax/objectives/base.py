@@ -77,6 +77,13 @@ class StageContext:
     seed: int = 0
 
 
+    def require_task(self, objective: str) -> None:
+        """Objectives that sample a task's prompts need its task, tokenizer and row shape."""
+        if self.task is None or self.data is None or self.tokenizer is None:
+            raise ValueError(f"stage {self.stage_name!r}: objective {objective!r} samples a "
+                             "task's prompts; give the run a config.task block")
+
+
 @dataclasses.dataclass(frozen=True)
 class Built:
     """An objective's training, ready for the loop.

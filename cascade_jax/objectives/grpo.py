@@ -348,9 +348,7 @@ class GRPO:
 
         settings: Settings = ctx.settings
         where = f"stage {ctx.stage_name!r}"
-        if ctx.task is None or ctx.data is None or ctx.tokenizer is None:
-            raise ValueError(f"{where}: objective 'grpo' samples a task's prompts; give the "
-                             "run a config.task block")
+        ctx.require_task('grpo')
         if ctx.grad_accum != 1:
             raise ValueError(f"{where}: grad_accum={ctx.grad_accum} is not supported by 'grpo' "
                              "(its losses normalise over the whole batch of rollouts); set "

@@ -88,9 +88,7 @@ class OnPolicyKD(SoftLabelKD):
         from cascade_jax import data, prompts
 
         settings: Settings = ctx.settings
-        if ctx.task is None or ctx.data is None or ctx.tokenizer is None:
-            raise ValueError(f"stage {ctx.stage_name!r}: objective 'on_policy' samples a "
-                             "task's prompts; give the run a config.task block")
+        ctx.require_task('on_policy')
         if ctx.teacher is None:
             raise ValueError(f"stage {ctx.stage_name!r}: objective 'on_policy' needs a teacher")
         problems = ctx.task.make_problems("train", settings.prompts, ctx.seed)

@@ -87,9 +87,7 @@ class SequenceKD(CrossEntropy):
         from cascade_jax import data, prompts, teacher_data
 
         settings: Settings = ctx.settings
-        if ctx.task is None or ctx.data is None or ctx.tokenizer is None:
-            raise ValueError(f"stage {ctx.stage_name!r}: objective 'seq_kd' samples a task's "
-                             "prompts; give the run a config.task block")
+        ctx.require_task('seq_kd')
         if settings.source:
             rows = teacher_data.read(settings.source)
             manifest = {"source": os.path.abspath(settings.source), "rows": len(rows)}
