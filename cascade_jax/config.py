@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
 
 
 def _divisors(n: int) -> list[int]:
@@ -192,6 +193,12 @@ class ModelConfig:
     # in blocks of c queries only [B, K, c, G, L] is live, recomputed in the backward pass:
     # what makes 16k-token distillation fit (see experiments.plan). Must divide the length.
     attention_chunk: int | None = None
+    # Who computes attention in the forward and training passes: 'xla' (our einsums, any
+    # dtype, chunkable), 'jax' (`jax.nn.dot_product_attention` lowered by XLA: the same
+    # plumbing as 'cudnn', checkable on any backend) or 'cudnn' (cuDNN flash attention on
+    # NVIDIA GPUs, bfloat16/float16; packed segments and windows go in as a [B, 1, L, L] mask,
+    # so no attention_chunk). The cached decode always uses 'xla'.
+    attention_impl: str = "xla"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -220,6 +227,7 @@ class ModelConfig:
                 or self.attention_chunk < 1):
             raise ValueError(f"attention_chunk={self.attention_chunk!r} must be None (all "
                              "queries at once) or a positive number of queries, e.g. 1024")
+        self._check_attention_impl()
         # A frozen dataclass, not a dict or list, keeps the config hashable (a jit static).
         object.__setattr__(self, "rope_scaling", rope_scaling_from(self.rope_scaling))
         self._check_query_scale()
@@ -233,6 +241,20 @@ class ModelConfig:
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; choose one "
                                  f"of {sorted(_DTYPES)}")
+
+    def _check_attention_impl(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
+                             f"{ATTENTION_IMPLS}")
+        if self.attention_impl == "xla":
+            return
+        if self.attention_chunk is not None:
+            raise ValueError(f"attention_chunk={self.attention_chunk} needs attention_impl="
+                             f"'xla' (got {self.attention_impl!r}, which does not chunk); set "
+                             "one of them to its default")
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise ValueError("attention_impl='cudnn' needs dtype='bfloat16' or 'float16' "
+                             "(cuDNN flash attention has no float32 kernel); or use 'xla'")
 
     def _check_query_scale(self) -> None:
         beta = self.query_scale_beta

@@ -285,6 +285,21 @@ def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
     return chunks.merge(jax.lax.map(block, inputs), length)
 
 
+def fused_attention(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
+                    mask_BLM: jax.Array | SegmentMask, sliding_window: int | None,
+                    implementation: str | None) -> jax.Array:
+    """`attend` through `jax.nn.dot_product_attention` ([B, L, H, E] out): with
+    implementation='cudnn', cuDNN's flash attention, which never materialises the float32
+    scores and skips the blocks above the diagonal (`is_causal`). Packed segments and the
+    window reach it as a [B, 1, L, M] boolean mask (cuDNN adds it as a bias)."""
+    batch, length, kv_heads, groups, head_dim = q_BLKGE.shape
+    if isinstance(mask_BLM, SegmentMask):
+        mask_BLM = attention_mask(mask_BLM.segment_ids_BL, sliding_window)
+    q_BLHE = q_BLKGE.reshape(batch, length, kv_heads * groups, head_dim)  # head = k·G + g
+    return jax.nn.dot_product_attention(q_BLHE, k_BMKE, v_BMKE, mask=mask_BLM[:, None],
+                                        is_causal=True, implementation=implementation)
+
+
 def _attention_params(module: nn.Module, cfg: ModelConfig) -> Params:
     """Declare the attention params `cfg` has (module docstring) and return them by name."""
     d, h, k, e = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -368,6 +383,9 @@ def _attend_heads(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMK
                   mask_BLM: jax.Array | SegmentMask) -> jax.Array:
     """Every query head's attention output, [B, L, H, E] (in query blocks if configured)."""
     batch, length = q_BLKGE.shape[:2]
+    if cfg.attention_impl != "xla":
+        return fused_attention(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.sliding_window,
+                               implementation=None if cfg.attention_impl == "jax" else "cudnn")
     if cfg.attention_chunk is None or cfg.attention_chunk >= length:
         if isinstance(mask_BLM, SegmentMask):
             mask_BLM = attention_mask(mask_BLM.segment_ids_BL, cfg.sliding_window)

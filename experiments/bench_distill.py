@@ -22,9 +22,10 @@ speed-up over our online step. Below the table: the cache's bytes per token, how
 
 Steps are timed interleaved (JAX, torch, JAX, ...) so machine load hits both alike; medians
 are reported. The script runs unchanged on a GPU (`--dtype=bfloat16`; the device is JAX's
-default backend); PyTorch is CPU-only here, so the torch column is skipped off-CPU unless
-`--torch` says otherwise. XLA flags (`--xla_flags`) must be set before JAX starts, so this
-module imports JAX and the library only inside `main`.
+default backend); the PyTorch side runs on the same kind of device (CUDA beside a GPU) and is
+left out where torch cannot reach it (`--torch=no` leaves it out always). XLA flags
+(`--xla_flags`) must be set before JAX starts, so this module imports JAX and the library only
+inside `main`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 from absl import app, flags
 
-from experiments.common import matmul
+from experiments.common import matmul, torch_device
 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows per step.")
@@ -60,9 +61,11 @@ _CACHE_BATCHES = flags.DEFINE_integer("cache_batches", 4, "Batches written to th
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per side.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation included).")
 _TORCH = flags.DEFINE_enum("torch", "auto", ["auto", "yes", "no"],
-                           "Time the PyTorch step (auto: only when JAX runs on CPU).")
+                           "Time the PyTorch step (auto: when torch reaches JAX's device kind).")
 _PEAK_N = flags.DEFINE_integer("peak_n", 0, "Matmul size for the peak (0: 2048 on CPU, "
                                "8192 on accelerators).")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "xla", ["xla", "jax", "cudnn"],
+                               "ModelConfig.attention_impl of both models ('cudnn': GPUs).")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before JAX starts.")
 
 
@@ -146,7 +149,8 @@ def _cached_step(student: Any, teacher: Any, batch: dict[str, Any], directory: s
     return run, note
 
 
-def _torch_step(student: Any, teacher: Any, batch: dict[str, Any]) -> Callable[[], Any]:
+def _torch_step(student: Any, teacher: Any, batch: dict[str, Any],
+                device: str) -> Callable[[], Any]:
     """The same step in PyTorch + transformers, written the way a PyTorch user would."""
     import torch
     import transformers
@@ -159,15 +163,15 @@ def _torch_step(student: Any, teacher: Any, batch: dict[str, Any]) -> Callable[[
     def build(cfg: Any) -> Any:
         config = transformers.MistralConfig(**hf.config_to_hf(cfg))
         config._attn_implementation = "sdpa"
-        return transformers.MistralForCausalLM(config).to(dtype)
+        return transformers.MistralForCausalLM(config).to(device=device, dtype=dtype)
 
     teacher_model, student_model = build(teacher).eval(), build(student).train()
     for p in teacher_model.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(student_model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                   weight_decay=0.1)
-    tokens = torch.as_tensor(batch["tokens"], dtype=torch.long)
-    weights = torch.ones(tokens.shape, dtype=torch.float32)
+    tokens = torch.as_tensor(batch["tokens"], dtype=torch.long, device=device)
+    weights = torch.ones(tokens.shape, dtype=torch.float32, device=device)
     weights[:, -1] = 0.0  # the last position has no next token (as lm.next_token_targets)
 
     def run() -> Any:
@@ -198,7 +202,8 @@ def main(argv: list[str]) -> None:
 
     shared = {"vocab_size": _VOCAB.value, "d_model": _D_MODEL.value, "n_heads": _HEADS.value,
               "n_kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value,
-              "max_seq_len": _SEQ.value, "dtype": _DTYPE.value}
+              "max_seq_len": _SEQ.value, "dtype": _DTYPE.value,
+              "attention_impl": _ATTENTION.value}
     teacher = ModelConfig(n_layers=_T_LAYERS.value, d_ff=_T_FF.value, **shared)
     student = ModelConfig(n_layers=_S_LAYERS.value, d_ff=_S_FF.value, **shared)
     rng = np.random.default_rng(0)
@@ -213,9 +218,10 @@ def main(argv: list[str]) -> None:
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
     peak_n = _PEAK_N.value or (2048 if on_cpu else 8192)
+    chain = 1 if on_cpu else 16  # ≥ 20 ms of matmuls per timed call off-CPU
     online = "cascade_jax (jit)"
     sides: dict[str, Callable[[], Any]] = {
-        "matmul": matmul(_DTYPE.value, peak_n),
+        "matmul": matmul(_DTYPE.value, peak_n, chain),
         online: _jax_step(student, teacher, batch),
     }
     side_flops = {online: flops}
@@ -226,13 +232,17 @@ def main(argv: list[str]) -> None:
             sides[cached], cache_note = _cached_step(student, teacher, batch,
                                                      os.path.join(directory, "cache"))
         side_flops[cached] = 3 * _forward_flops(student, tokens, _SEQ.value)
-    if _TORCH.value == "yes" or (_TORCH.value == "auto" and on_cpu):
-        sides["PyTorch + transformers"] = _torch_step(student, teacher, batch)
+    device = torch_device(backend) if _TORCH.value != "no" else None
+    if _TORCH.value == "yes" and device is None:
+        raise ValueError(f"--torch=yes but PyTorch cannot reach JAX's {backend} device; "
+                         "install a torch build for it or pass --torch=auto")
+    if device is not None:
+        sides["PyTorch + transformers"] = _torch_step(student, teacher, batch, device)
         side_flops["PyTorch + transformers"] = flops
 
     def timed(run: Callable[[], Any]) -> float:
         start = time.perf_counter()
-        float(run())  # a host read: waits for JAX's async dispatch, harmless for torch
+        float(run())  # a host read: waits for JAX's async dispatch and for CUDA
         return time.perf_counter() - start
 
     for run in sides.values():
@@ -243,10 +253,11 @@ def main(argv: list[str]) -> None:
         for name, run in sides.items():
             times[name].append(timed(run))
     median = {name: statistics.median(values) for name, values in times.items()}
-    peak = 2 * peak_n**3 / median.pop("matmul")
+    peak = 2 * peak_n**3 * chain / median.pop("matmul")
 
     print(f"device: {jax.devices()[0].device_kind} ×{jax.device_count()} ({backend}); "
-          f"{_DTYPE.value}; batch {_BATCH.value}×{_SEQ.value}; teacher "
+          f"{_DTYPE.value}; attention {_ATTENTION.value}; batch {_BATCH.value}×{_SEQ.value}; "
+          "teacher "
           f"{teacher.n_layers}L F={teacher.d_ff}, student {student.n_layers}L F={student.d_ff}, "
           f"D={_D_MODEL.value} H={_HEADS.value}/K={_KV_HEADS.value}×{_HEAD_DIM.value} "
           f"V={_VOCAB.value}; {flops / 1e9:.1f} model GFLOP/step; jnp {peak_n}² matmul peak "

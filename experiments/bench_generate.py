@@ -35,7 +35,7 @@ from typing import Any
 
 from absl import app, flags
 
-from experiments.common import matmul
+from experiments.common import matmul, torch_device
 
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary.")
 _D_MODEL = flags.DEFINE_integer("d_model", 512, "Hidden width.")
@@ -113,7 +113,7 @@ def _ours(cfg: Any, params: Any, prompts: Any) -> Callable[[int], Any]:
 def _theirs(hf_model: Any, prompts: Any) -> Callable[[int], Any]:
     import torch
 
-    input_ids = torch.as_tensor(prompts, dtype=torch.long)
+    input_ids = torch.as_tensor(prompts, dtype=torch.long, device=hf_model.device)
     attention_mask = torch.ones_like(input_ids)
 
     def run(new_tokens: int) -> Any:
@@ -121,7 +121,7 @@ def _theirs(hf_model: Any, prompts: Any) -> Callable[[int], Any]:
             out = hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                     do_sample=False, pad_token_id=0, eos_token_id=None)
-        return out[:, input_ids.shape[1]:].numpy()
+        return out[:, input_ids.shape[1]:].cpu().numpy()  # a host read: waits for CUDA
 
     return run
 
@@ -154,8 +154,15 @@ def main(argv: list[str]) -> None:
         path = hf.save(cfg, params, os.path.join(directory, "model"))
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32).eval()  # transformers' default attention (sdpa)
+    device = torch_device(jax.default_backend())
+    if device is None:
+        raise ValueError(f"PyTorch cannot reach JAX's {jax.default_backend()} device: the "
+                         "transformers side would run elsewhere; install a torch build for it")
+    hf_model = hf_model.to(device)
 
-    peak_fn, bandwidth_fn = matmul("float32", _PEAK_N.value), _read_bandwidth(_BANDWIDTH_MIB.value)
+    chain = 1 if jax.default_backend() == "cpu" else 16  # ≥ 20 ms per timed call off-CPU
+    peak_fn = matmul("float32", _PEAK_N.value, chain)
+    bandwidth_fn = _read_bandwidth(_BANDWIDTH_MIB.value)
     rows_rng = np.random.default_rng(0)
     table = []
     peaks, bandwidths = [], []
@@ -169,7 +176,7 @@ def main(argv: list[str]) -> None:
         times: dict[tuple[str, int], list[float]] = {}
         for _ in range(_REPEATS.value):
             float(peak_fn())
-            peaks.append(2 * _PEAK_N.value**3 / _timed(lambda: float(peak_fn())))
+            peaks.append(2 * _PEAK_N.value**3 * chain / _timed(lambda: float(peak_fn())))
             bandwidths.append(_BANDWIDTH_MIB.value * 2**20 / _timed(lambda: float(bandwidth_fn())))
             for name, run in sides.items():
                 for count in (1, new_tokens):
@@ -184,7 +191,7 @@ def main(argv: list[str]) -> None:
 
     peak, bandwidth = max(peaks), max(bandwidths)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{torch.__version__} on {device} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}; float32; N={cfg.n_layers} D={cfg.d_model} "
           f"H={cfg.n_heads}/K={cfg.n_kv_heads}×{cfg.head_dim} F={cfg.d_ff} V={cfg.vocab_size} "
           f"({cfg.num_params() / 1e6:.1f}M params); prompts {prompt_len} tokens, "

@@ -64,13 +64,30 @@ def cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-def matmul(dtype: str, n: int) -> Callable[[], Any]:
-    """One large square matmul in `dtype`: the compute roofline benchmarks measure against
-    (2·n³ FLOPs per call). JAX is imported here, so XLA flags can still be set before."""
+def matmul(dtype: str, n: int, chain: int = 1) -> Callable[[], Any]:
+    """`chain` dependent square matmuls in `dtype` in one jitted call: the compute roofline
+    benchmarks measure against (2·n³·chain FLOPs per call). On a GPU one 8192² product takes
+    ~1.5 ms, so a single one per call measures dispatch and the host read too: chain several.
+    JAX is imported here, so XLA flags can still be set before."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-    product = jax.jit(lambda x, y: x @ y)
-    return lambda: product(a, b)[0, 0]
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype)) / n**0.5  # keeps |x| ~1
+
+    @jax.jit
+    def product(x: jax.Array, y: jax.Array) -> jax.Array:
+        return jax.lax.fori_loop(0, chain, lambda _, acc: acc @ y, x)[0, 0]
+
+    return lambda: product(a, b)
+
+
+def torch_device(jax_backend: str) -> str | None:
+    """Where the PyTorch peer of a benchmark runs: beside JAX on the same kind of device (CPU
+    with CPU, CUDA with a GPU), or None when torch cannot reach that device (the peer is then
+    left out rather than compared across devices)."""
+    if jax_backend == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if jax_backend == "gpu" and torch.cuda.is_available() else None

@@ -132,6 +132,8 @@ def _rel_err(ours, ref):
     {},
     {"tie_embeddings": True, "sliding_window": 3},
     {"attention_chunk": 7, "sliding_window": 5},   # two query blocks over packed segments
+    # jax.nn.dot_product_attention: the plumbing attention_impl='cudnn' shares (GPU only).
+    {"attention_impl": "jax", "sliding_window": 5, "n_kv_heads": 1},
     # Qwen2 biases, Qwen3 q/k norms, YaRN and Ministral 3's query scale (original length 4,
     # so positions 0-10 of the packed rows see scales 1, 1 + β log 2, 1 + β log 3).
     {"qkv_bias": True, "qk_norm": True, "query_scale_beta": 0.3,
@@ -283,6 +285,15 @@ def test_attention_in_query_blocks_changes_neither_value_nor_gradient():
         model.forward(CFG.replace(attention_chunk=3), params, tokens)
     with pytest.raises(ValueError, match="attention_chunk=0 must be None"):
         CFG.replace(attention_chunk=0)
+
+
+def test_attention_impl_is_checked_with_the_fix_named():
+    with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
+        CFG.replace(attention_impl="flash")
+    with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+        CFG.replace(attention_impl="cudnn")
+    with pytest.raises(ValueError, match="attention_chunk=4 needs attention_impl='xla'"):
+        CFG.replace(attention_impl="jax", attention_chunk=4)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
