@@ -14,6 +14,9 @@ Why this shape:
   FP8 weights are dequantized block by block as they are read.
 - A Mistral 3 wrapper's text tensors are renamed to the plain layout when the files are
   indexed (either prefix); its vision tower and projector stay on disk, never read.
+  `save(vision_from=<that wrapper>)` writes a child back as the wrapper, so it still sees
+  images: vision tensors streamed from the parent's files, the projector's output rows
+  mapped into the child's residual basis (the prune's `hidden_map`), like any residual writer.
 - Everything is checked before any weight is read: architecture and config fields we do not
   model, missing/unexpected tensors, shapes and dtypes, each reported by name with the way out.
 - Saving is atomic (temp dir next to the target, then rename) and gathers one tensor at a time.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,13 +34,14 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -104,7 +109,7 @@ _FAMILIES = {f.architecture: f for f in (
 ARCHITECTURES = tuple(_FAMILIES)  # what save writes, and load reads as is
 # Mistral 3 (Mistral Small 3.1, Ministral 3): a vision tower and projector around a text
 # model whose config is `text_config` (model_type 'mistral' or 'ministral3'); load reads the
-# text model, save writes it as that text family.
+# text model, save writes it as that text family, or as the wrapper given `vision_from`.
 WRAPPER = "Mistral3ForConditionalGeneration"
 _WRAPPER_TEXT_TYPES = ("mistral", "ministral3")
 _BY_MODEL_TYPE = {f.model_type: f.architecture for f in _FAMILIES.values()}
@@ -242,6 +247,11 @@ def text_architecture(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> st
     """The `*ForCausalLM` a config.json's text model is (a Mistral 3 wrapper's: its
     text_config's): what a pruned child of it is saved as."""
     return _text_config(hf, source)[1].architecture
+
+
+def is_wrapper(hf: Mapping[str, Any]) -> bool:
+    """Whether a config.json dict is a Mistral 3 wrapper (what `save(vision_from=...)` needs)."""
+    return (hf.get("architectures") or [_BY_MODEL_TYPE.get(hf.get("model_type"))]) == [WRAPPER]
 
 
 def _rope_dict(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -553,7 +563,7 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dict[str,
     if architecture not in _FAMILIES:
         raise ValueError(f"architecture={architecture!r} cannot be written; choose one of "
                          f"{list(ARCHITECTURES)} (a {WRAPPER} child is saved as its text "
-                         "family)")
+                         "family, or as the wrapper with save(vision_from=...))")
     family = _FAMILIES[architecture]
     _check_expressible(cfg, family)
     hf: dict[str, Any] = {
@@ -759,6 +769,16 @@ class _Checkpoint:
             self.headers[file] = _safetensors_header(file)
         raw = _map_fp8(file, self.headers[file], self.stored[name])
         return _Fp8Slice(raw, scale, self.fp8.block)
+
+    def tensor(self, name: str, fp8_dtype: Any) -> np.ndarray:
+        """A whole tensor as stored; an FP8 one dequantized and cast to `fp8_dtype`."""
+        found = self.meta(name)
+        if found.get_dtype() != _FP8_DTYPE:
+            return self.handles[self.files[name]].get_tensor(self.stored[name])
+        problems = self._fp8_problems(name, tuple(found.get_shape()))
+        if problems:
+            raise ValueError(f"{self.path}: " + "; ".join(problems))
+        return self.slice(name)[:, :].astype(fp8_dtype)
 
     def validate(self, cfg: ModelConfig, shapes: Mapping[tuple[str, ...], Any]) -> None:
         """All missing, unexpected, mis-shaped or non-float tensors, in one error."""
@@ -970,32 +990,43 @@ def _check_params(cfg: ModelConfig, params: Params) -> None:
                          + ". Save the cfg that these params were made with.")
 
 
-def _hf_order(cfg: ModelConfig) -> Iterator[tuple[str, _Tensor, int | None]]:
-    """(name, entry, layer) in Hugging Face's own order: embedding, layer by layer, head."""
-    entries = _tensors(cfg)
-    yield from ((t.name(), t, None) for t in entries if t.path == _EMBEDDING)
-    for i in range(cfg.n_layers):
-        yield from ((t.name(i), t, i) for t in entries if t.stacked)
-    yield from ((t.name(), t, None) for t in entries
-                if not t.stacked and t.path != _EMBEDDING)
+@dataclasses.dataclass(frozen=True)
+class _Out:
+    """One tensor to write: its stored name, its size (shards are planned before any tensor
+    is made) and how to make it (so only one shard's tensors are ever in host memory)."""
+
+    name: str
+    nbytes: int
+    make: Callable[[], np.ndarray]
 
 
-def _plan_shards(cfg: ModelConfig, max_shard_bytes: int
-                 ) -> list[list[tuple[str, _Tensor, int | None]]]:
-    """Consecutive tensors grouped into files of at most `max_shard_bytes` (a bigger tensor
-    gets a file of its own), the way `save_pretrained` splits them."""
+def _text_outs(cfg: ModelConfig, params: Params,
+               rename: Callable[[str], str] = lambda name: name) -> list[_Out]:
+    """The text model's tensors in Hugging Face's own order: embedding, layer by layer, head."""
     shapes = _leaf_shapes(cfg)
     itemsize = np.dtype(cfg.weight_dtype).itemsize
-    shards: list[list[tuple[str, _Tensor, int | None]]] = [[]]
+    entries = _tensors(cfg)
+    order = [(t, None) for t in entries if t.path == _EMBEDDING]
+    for i in range(cfg.n_layers):
+        order += [(t, i) for t in entries if t.stacked]
+    order += [(t, None) for t in entries if not t.stacked and t.path != _EMBEDDING]
+    return [_Out(rename(t.name(layer)),
+                 math.prod(_per_layer(t, shapes[t.path].shape)) * itemsize,
+                 functools.partial(_hf_tensor, params, t, layer, cfg.weight_dtype))
+            for t, layer in order]
+
+
+def _plan_shards(outs: list[_Out], max_shard_bytes: int) -> list[list[_Out]]:
+    """Consecutive tensors grouped into files of at most `max_shard_bytes` (a bigger tensor
+    gets a file of its own), the way `save_pretrained` splits them."""
+    shards: list[list[_Out]] = [[]]
     size = 0
-    for item in _hf_order(cfg):
-        t = item[1]
-        nbytes = math.prod(_per_layer(t, shapes[t.path].shape)) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+    for out in outs:
+        if shards[-1] and size + out.nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(item)
-        size += nbytes
+        shards[-1].append(out)
+        size += out.nbytes
     return shards
 
 
@@ -1029,31 +1060,11 @@ def _swap_in(tmp: Path, target: Path, overwrite: bool) -> None:
         shutil.rmtree(old)
 
 
-def save(cfg: ModelConfig, params: Params, path: str | os.PathLike[str], *,
-         architecture: str | None = None,
-         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-         extra_config: Mapping[str, Any] | None = None) -> Path:
-    """Write `params` as an HF directory that `AutoModelForCausalLM.from_pretrained` reads.
-
-    `architecture`: one of `ARCHITECTURES` that can express `cfg`, or None for
-    `default_architecture(cfg)` (a Mistral 3 wrapper's child is written as its text model).
-    Weights are stored in `cfg.param_dtype`, never quantized (an FP8 root's child is written
-    in its compute dtype, without quantization_config); one file, or
-    `model-0000k-of-0000n.safetensors` plus an index above `max_shard_bytes`. Written into a
-    temp dir next to `path` and renamed, so a crash never leaves a half-written model.
-    `extra_config` adds config.json keys we don't model (e.g. the parent's `bos_token_id`);
-    returns the directory.
-    """
-    extra = dict(extra_config or {})
-    clash = sorted(set(extra) & _MODELLED_KEYS)
-    if clash:
-        raise ValueError(f"extra_config may not set {clash}: they come from cfg (use "
-                         "cfg.replace(...) instead)")
-    hf_config = {**config_to_hf(cfg, architecture), **extra}
-    _check_params(cfg, params)
-    shards = _plan_shards(cfg, max_shard_bytes)
-    target = Path(path)
-    _check_target(target, overwrite)
+def _write(hf_config: Mapping[str, Any], outs: list[_Out], target: Path,
+           max_shard_bytes: int, overwrite: bool) -> None:
+    """config.json and the tensors (one file, or shards plus an index) into a temp dir next
+    to `target`, then `_swap_in`: a crash never leaves a half-written model."""
+    shards = _plan_shards(outs, max_shard_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -1063,8 +1074,7 @@ def save(cfg: ModelConfig, params: Params, path: str | os.PathLike[str], *,
         for k, shard in enumerate(shards):
             file = (SINGLE_FILE if len(shards) == 1
                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
-            tensors = {name: _hf_tensor(params, t, layer, cfg.weight_dtype)
-                       for name, t, layer in shard}
+            tensors = {out.name: out.make() for out in shard}
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, file))
             total += sum(a.nbytes for a in tensors.values())
@@ -1076,4 +1086,216 @@ def save(cfg: ModelConfig, params: Params, path: str | os.PathLike[str], *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------- wrapper export
+
+
+# The layout `save(vision_from=...)` writes: the older one, which transformers 5.24's
+# save_pretrained writes and its from_pretrained renames with no missing/unexpected keys.
+_SAVED_TEXT_PREFIX, _SAVED_HEAD = _WRAPPER_LAYOUTS[1]
+_PROJECTOR = "multi_modal_projector."
+_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U8": 1, "BOOL": 1}
+
+
+def _wrapper_name(name: str) -> str:
+    """A plain text tensor name, or a parent's vision tensor name (either layout), as the
+    wrapper export stores it."""
+    if name == _HEAD:
+        return _SAVED_HEAD
+    if name.startswith(_VISION_PREFIXES):
+        return name.removeprefix("model.")
+    return _SAVED_TEXT_PREFIX + name.removeprefix("model.")
+
+
+def _wrapper_config(parent: Mapping[str, Any], cfg: ModelConfig, architecture: str | None,
+                    source: str) -> dict[str, Any]:
+    """The parent's wrapper config.json around the child's text config: vision_config, the
+    image token, projector settings and the text model's unmodelled keys (token ids) kept;
+    quantization dropped (the child is written unquantized); tying set at both levels, since
+    transformers ties a wrapper by the top-level flag."""
+    text, family = _text_config(parent, source)
+    allowed = [_BY_MODEL_TYPE[t] for t in _WRAPPER_TEXT_TYPES]
+    architecture = architecture or family.architecture
+    if architecture not in allowed:
+        raise ValueError(f"architecture={architecture!r} cannot be a {WRAPPER}'s text model; "
+                         f"choose one of {allowed} (None: the parent's, {family.architecture})")
+    child_text = {k: v for k, v in text.items() if k not in _MODELLED_KEYS}
+    child_text.update(config_to_hf(cfg, architecture))
+    del child_text["architectures"]
+    top = {k: v for k, v in parent.items() if k != "quantization_config"}
+    return {**top, "architectures": [WRAPPER], "text_config": child_text,
+            "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype,
+            "torch_dtype": cfg.param_dtype}
+
+
+def _hidden_basis(hidden_map: Any, d_parent: int, d_child: int, parent: Path
+                  ) -> np.ndarray | None:
+    """`hidden_map` as float64 [d_parent, d_child], checked; None for an unchanged basis."""
+    how = ("pass the map of the prune(s) that made this child: prune.prune(...).record."
+           "hidden_map(), or prune.surgery.hidden_map(...) after the primitives, composed "
+           "M1 @ M2 across stages")
+    if hidden_map is None:
+        if d_child != d_parent:
+            raise ValueError(f"hidden_map is required: the child's d_model={d_child} differs "
+                             f"from the hidden_size={d_parent} of vision_from={str(parent)!r}; "
+                             + how)
+        return None
+    basis = np.asarray(hidden_map, np.float64)
+    if basis.shape != (d_parent, d_child) or d_child > d_parent:
+        raise ValueError(f"hidden_map has shape {basis.shape}, but it must be [hidden_size of "
+                         f"vision_from={d_parent}, child d_model={d_child}] (parent residual "
+                         f"@ hidden_map = the child's); {how}")
+    if not np.isfinite(basis).all():
+        raise ValueError(f"hidden_map contains NaN or inf; {how}")
+    return basis
+
+
+def _projector_units(units: Any, d_parent: int, d_child: int) -> np.ndarray:
+    idx = np.asarray(units)
+    if (idx.shape != (d_child,) or not np.issubdtype(idx.dtype, np.integer)
+            or len(set(idx.tolist())) != d_child or idx.min() < 0 or idx.max() >= d_parent):
+        raise ValueError(f"projector_units={_few(idx.ravel().tolist())} must be {d_child} "
+                         f"distinct integers in [0, {d_parent}) (the projector's hidden units "
+                         "to keep, one per child channel), or None to keep the largest by "
+                         "weight norm")
+    return idx
+
+
+def _child_projector(ckpt: _Checkpoint, names: Mapping[str, str], basis: np.ndarray | None,
+                     d_child: int, units: Any, dtype: str) -> dict[str, np.ndarray]:
+    """The child's linear_1 / linear_2 (stored name → array); the rest of the projector (its
+    norm and patch merger work in vision space) is copied.
+
+    linear_2's output rows are mapped into the child's residual basis: W2' = Mᵀ W2, b2' = b2 M
+    (exact for a rotation). transformers sizes the projector's hidden layer by the text
+    hidden_size too, so a narrower child also keeps d_model of its GELU units (`units`,
+    default the largest ‖W1[j]‖·‖W2'[:, j]‖, a weight-only guess: no image is seen here).
+    """
+    if "linear_1.weight" not in names or "linear_2.weight" not in names:
+        raise ValueError(f"{ckpt.path}: the projector has no linear_1 / linear_2 weight (found "
+                         f"{sorted(names)}); re-download the {WRAPPER} checkpoint")
+    arrays = {key: ckpt.tensor(name, dtype) for key, name in names.items()
+              if key.startswith(("linear_1.", "linear_2."))}
+    w1, w2 = arrays["linear_1.weight"], arrays["linear_2.weight"]
+    d_parent = w2.shape[0] if basis is None else basis.shape[0]
+    if w2.shape != (d_parent, d_parent) or w1.shape[0] != d_parent:
+        raise ValueError(f"{ckpt.path}: projector linear_1 {w1.shape} / linear_2 {w2.shape} do "
+                         f"not match the text hidden_size {d_parent}; the checkpoint and its "
+                         f"{CONFIG_FILE} disagree")
+    m = np.eye(d_parent) if basis is None else basis
+    new = {"linear_2.weight": m.T @ w2.astype(np.float64)}
+    if "linear_2.bias" in arrays:
+        new["linear_2.bias"] = arrays["linear_2.bias"].astype(np.float64) @ m
+    if units is None and d_child < d_parent:
+        score = np.linalg.norm(w1.astype(np.float64), axis=1) * np.linalg.norm(
+            new["linear_2.weight"], axis=0)
+        units = np.sort(np.argsort(-score, kind="stable")[:d_child])
+    if units is not None:
+        units = _projector_units(units, d_parent, d_child)
+        new["linear_2.weight"] = new["linear_2.weight"][:, units]
+        new["linear_1.weight"] = w1[units]
+        if "linear_1.bias" in arrays:
+            new["linear_1.bias"] = arrays["linear_1.bias"][units]
+    return {names[key]: np.ascontiguousarray(value.astype(arrays[key].dtype))
+            for key, value in new.items()}
+
+
+def _vision_outs(cfg: ModelConfig, parent: Path, stack: contextlib.ExitStack,
+                 architecture: str | None, hidden_map: Any, projector_units: Any
+                 ) -> tuple[dict[str, Any], list[_Out]]:
+    """(wrapper config.json, the parent's vision tensors) for `save(vision_from=parent)`;
+    everything is checked here, before anything is written."""
+    hf_parent, source = _read_config(parent)
+    if not is_wrapper(hf_parent):
+        named = hf_parent.get("architectures") or hf_parent.get("model_type")
+        raise ValueError(f"vision_from={str(parent)!r} is {named!r}, not a {WRAPPER}: pass "
+                         "the wrapper directory this text model was loaded from, or leave "
+                         "vision_from=None to write the text model alone")
+    text, _ = _text_config(hf_parent, source)
+    d_parent = int(_require(text, "hidden_size", source))
+    if int(_require(text, "vocab_size", source)) != cfg.vocab_size:
+        raise ValueError(f"vision_from={str(parent)!r} has vocab_size={text['vocab_size']}, "
+                         f"the child {cfg.vocab_size}: its image token and tokenizer would not "
+                         "fit; pass the wrapper this child was pruned from")
+    basis = _hidden_basis(hidden_map, d_parent, cfg.d_model, parent)
+    hf_config = _wrapper_config(hf_parent, cfg, architecture, source)
+    ckpt = _Checkpoint(parent, stack, fp8=_fp8_scheme(hf_parent, source))
+    vision = [name for name in ckpt.where if name.startswith(_VISION_PREFIXES)]
+    if not vision:
+        raise ValueError(f"vision_from={str(parent)!r} stores no vision tensors "
+                         f"({list(_VISION_PREFIXES)}); re-download the {WRAPPER} checkpoint")
+    projector = {_wrapper_name(name).removeprefix(_PROJECTOR): name for name in vision
+                 if _wrapper_name(name).startswith(_PROJECTOR)}
+    changed = {}
+    if basis is not None or projector_units is not None:
+        changed = _child_projector(ckpt, projector, basis, cfg.d_model, projector_units,
+                                   cfg.weight_dtype)
+    outs = []
+    for name in vision:
+        if name in changed:
+            outs.append(_Out(_wrapper_name(name), changed[name].nbytes,
+                             lambda value=changed[name]: value))
+            continue
+        found = ckpt.meta(name)
+        itemsize = (np.dtype(cfg.weight_dtype).itemsize if found.get_dtype() == _FP8_DTYPE
+                    else _ITEMSIZES.get(found.get_dtype(), 4))
+        outs.append(_Out(_wrapper_name(name), math.prod(found.get_shape()) * itemsize,
+                         functools.partial(ckpt.tensor, name, cfg.weight_dtype)))
+    return hf_config, outs
+
+
+def save(cfg: ModelConfig, params: Params, path: str | os.PathLike[str], *,
+         architecture: str | None = None,
+         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+         extra_config: Mapping[str, Any] | None = None,
+         vision_from: str | os.PathLike[str] | None = None,
+         hidden_map: npt.ArrayLike | None = None,
+         projector_units: npt.ArrayLike | None = None) -> Path:
+    """Write `params` as an HF directory that `AutoModelForCausalLM.from_pretrained` reads,
+    or, with `vision_from`, a `Mistral3ForConditionalGeneration` around them.
+
+    `architecture`: one of `ARCHITECTURES` that can express `cfg`, or None for
+    `default_architecture(cfg)` (a Mistral 3 wrapper's child is written as its text model).
+    Weights are stored in `cfg.param_dtype`, never quantized (an FP8 root's child is written
+    in its compute dtype, without quantization_config); one file, or
+    `model-0000k-of-0000n.safetensors` plus an index above `max_shard_bytes`. Written into a
+    temp dir next to `path` and renamed, so a crash never leaves a half-written model.
+    `extra_config` adds config.json keys we don't model (e.g. the parent's `bos_token_id`);
+    returns the directory.
+
+    `vision_from`: the wrapper directory this child was pruned from (its root). The child is
+    then written as that wrapper, so it keeps seeing images: the parent's config.json with
+    the child's `text_config` (`architecture`: its text family, default the parent's), the
+    vision tower and projector streamed from the parent's files tensor by tensor, except the
+    projector's output layer, whose rows are mapped into the child's residual basis by
+    `hidden_map` ([parent hidden_size, cfg.d_model], `PruneRecord.hidden_map()`; None when
+    d_model and the basis are unchanged). A narrower child also narrows the projector's
+    hidden layer: `projector_units` (kept indices), default by weight norm.
+    """
+    extra = dict(extra_config or {})
+    clash = sorted(set(extra) & _MODELLED_KEYS)
+    if clash:
+        raise ValueError(f"extra_config may not set {clash}: they come from cfg (use "
+                         "cfg.replace(...) instead)")
+    if vision_from is None and (hidden_map is not None or projector_units is not None):
+        raise ValueError("hidden_map and projector_units map the parent's vision projector: "
+                         "they need vision_from=<the parent's Mistral3ForConditionalGeneration "
+                         "directory>")
+    _check_params(cfg, params)
+    target = Path(path)
+    _check_target(target, overwrite)
+    with contextlib.ExitStack() as stack:
+        if vision_from is None:
+            hf_config, outs = config_to_hf(cfg, architecture), _text_outs(cfg, params)
+        else:
+            parent = Path(vision_from)
+            if target.resolve() == parent.resolve():
+                raise ValueError(f"path={str(target)!r} is vision_from itself: the parent "
+                                 "would be replaced while it is read; save to a new directory")
+            hf_config, vision = _vision_outs(cfg, parent, stack, architecture, hidden_map,
+                                             projector_units)
+            outs = vision + _text_outs(cfg, params, rename=_wrapper_name)
+        _write({**hf_config, **extra}, outs, target, max_shard_bytes, overwrite)
     return target

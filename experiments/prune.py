@@ -16,7 +16,9 @@ What happens, in this order, so that a bad request fails before anything expensi
    scored (`prune.estimate_importance`), and cut (`prune.prune`).
 4. The child is written with `cascade_jax.hf.save` (same architecture and token ids), with the
    parent's tokenizer files and `prune_record.json` (the kept indices; the PCA rotation in
-   `prune_rotation.npy`).
+   `prune_rotation.npy`). A Mistral 3 wrapper's child is its text model, or with
+   `--keep_vision` the wrapper again (vision tensors carried over, the projector mapped by the
+   prune's `hidden_map`; image processor files copied).
 5. A before/after table: shapes, parameter counts, and cross-entropy and perplexity of parent
    and child on the calibration batches (in-sample, so only a sanity check; `--noeval` skips it).
 """
@@ -48,6 +50,8 @@ from experiments.common import last_line_is_the_cause, quiet_logging
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "tekken.json", "vocab.json",
                    "merges.txt", "chat_template.jinja", "generation_config.json")
+# What a Mistral 3 wrapper's image processor reads; copied with --keep_vision.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 # config.json keys we do not model but a child must keep to be used like its parent.
 CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 RECORD_FILE = "prune_record.json"
@@ -88,6 +92,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("eval", True, "Report calibration loss of parent and child.")
     flags.DEFINE_integer("seed", 0, "Order of the calibration pieces.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --hf_out.")
+    flags.DEFINE_bool("keep_vision", False, "A Mistral3ForConditionalGeneration parent: write "
+                      "the child as that wrapper (vision tower and projector carried over) "
+                      "instead of its text model alone.")
     config_flags.DEFINE_config_dict(
         "mesh", ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
         "Mesh sizes (--mesh.fsdp=8 shards the weights); -1 takes the remaining devices.")
@@ -123,7 +130,8 @@ def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any) ->
 
 def _ours(name: str) -> bool:
     """A file a previous `experiments.prune` run writes into its output directory."""
-    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *TOKENIZER_FILES)
+    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *TOKENIZER_FILES,
+                     *PROCESSOR_FILES)
             or name.endswith(".safetensors") or (name.startswith("prune_")
                                                  and name.endswith(".npy")))
 
@@ -209,9 +217,11 @@ def carried_config(hf_in: str) -> dict[str, Any]:
     return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
 
 
-def copy_tokenizer_files(hf_in: str, tokenizer: str | None, hf_out: str) -> list[str]:
+def copy_tokenizer_files(hf_in: str, tokenizer: str | None, hf_out: str,
+                         processor: bool = False) -> list[str]:
     """The parent's tokenizer files into the child; `--tokenizer`'s when the parent has no
-    tokenizer.json. Returns the names copied."""
+    tokenizer.json; with `processor`, the parent's image processor files too. Returns the
+    names copied."""
     parent = Path(hf_in)
     if (parent / "tokenizer.json").is_file() or not tokenizer:
         sources = {name: parent / name for name in TOKENIZER_FILES}
@@ -219,6 +229,8 @@ def copy_tokenizer_files(hf_in: str, tokenizer: str | None, hf_out: str) -> list
         sources = {name: Path(tokenizer) / name for name in TOKENIZER_FILES}
     else:
         sources = {"tokenizer.json": Path(tokenizer)}
+    if processor:
+        sources.update({name: parent / name for name in PROCESSOR_FILES})
     copied = [name for name, source in sources.items() if source.is_file()]
     for name in copied:
         shutil.copyfile(sources[name], Path(hf_out) / name)
@@ -266,7 +278,7 @@ def run(hf_in: str, hf_out: str, calib: str, target: prune.Target, *,
         seq_len: int = 512, batch_size: int = 8, importance_out: str | None = None,
         dtype: str | None = None, compute_dtype: str = "float32", evaluate: bool = True,
         seed: int = 0, mesh_sizes: dict[str, int] | None = None, overwrite: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, keep_vision: bool = False) -> dict[str, Any]:
     """Score, prune and save (module docstring); returns what the table shows, and more."""
     cfg = hf.read_config(hf_in).replace(dtype=compute_dtype)
     child_cfg = check_request(cfg, target, depth_method=depth_method, head_method=head_method,
@@ -276,6 +288,9 @@ def run(hf_in: str, hf_out: str, calib: str, target: prune.Target, *,
     shardings = sharding.param_shardings(cfg, mesh)
     sharding.param_shardings(child_cfg, mesh)  # the child must fit the mesh too
     check_output(hf_out, overwrite, hf_in)
+    if keep_vision and not hf.is_wrapper(_hf_config(hf_in)):
+        raise ValueError(f"--keep_vision needs a {hf.WRAPPER} parent; --hf_in={hf_in} is a "
+                         "text model: drop --keep_vision")
     tok = data.load_tokenizer(tokenizer_path(hf_in, tokenizer))
     batches = calibration_batches(calib, tok, vocab_size=cfg.vocab_size, seq_len=seq_len,
                                   batch_size=batch_size, calib_batches=calib_batches, seed=seed)
@@ -308,9 +323,13 @@ def run(hf_in: str, hf_out: str, calib: str, target: prune.Target, *,
                        child_loss=after["loss"], child_perplexity=after["perplexity"])
 
     start = time.perf_counter()
+    # A wrapper child keeps the parent's config.json, token ids included.
+    as_wrapper = (dict(vision_from=hf_in, hidden_map=out.record.hidden_map()) if keep_vision
+                  else dict(extra_config=carried_config(hf_in)))
     hf.save(out.cfg, out.params, hf_out, architecture=architecture(hf_in),
-            overwrite=overwrite, extra_config=carried_config(hf_in))
-    summary["tokenizer_files"] = copy_tokenizer_files(hf_in, tokenizer, hf_out)
+            overwrite=overwrite, **as_wrapper)
+    summary["tokenizer_files"] = copy_tokenizer_files(hf_in, tokenizer, hf_out,
+                                                      processor=keep_vision)
     write_record(hf_out, out.record, {
         "parent_path": os.path.abspath(hf_in), "calibration": calib,
         "calib_batches": len(batches), "batch_size": batch_size, "seq_len": seq_len,
@@ -331,7 +350,8 @@ def main(argv: list[str]) -> None:
         aggregation=f.aggregation, neuron_method=f.neuron_method,
         calib_batches=f.calib_batches, seq_len=f.seq_len, batch_size=f.batch_size,
         importance_out=f.importance_out, dtype=f.dtype, compute_dtype=f.compute_dtype,
-        evaluate=f.eval, seed=f.seed, mesh_sizes=f.mesh.to_dict(), overwrite=f.overwrite)
+        evaluate=f.eval, seed=f.seed, mesh_sizes=f.mesh.to_dict(), overwrite=f.overwrite,
+        keep_vision=f.keep_vision)
     print(summary_table(summary))
     print(f"\n{summary['calib_batches']} calibration batches, {summary['calib_tokens']:,} "
           f"tokens; load {summary['load_s']:.1f} s, importance {summary['importance_s']:.1f} s, "

@@ -5,6 +5,7 @@ logits must equal ours (max |ours - theirs| / max |theirs| ≤ 1e-4, float32, ea
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 from hf_reference import TOL, randomize, rel_err
-from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+    PixtralVisionConfig,
+)
 
 from cascade_jax import data, hf, model, prune
 from experiments import prune as prune_main
@@ -154,3 +162,38 @@ def test_a_wrapper_parent_gives_its_text_family_and_token_ids(tmp_path):
     assert prune_main.architecture(str(tmp_path)) == "Ministral3ForCausalLM"
     assert prune_main.carried_config(str(tmp_path)) == {
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11}
+
+
+def test_keep_vision_writes_the_wrapper_again(parent, tmp_path):
+    """--keep_vision: a wrapper parent's PCA child is the wrapper again (vision carried, the
+    projector mapped), which transformers reads with no missing key and runs on an image; a
+    text parent is refused before any work."""
+    text_dir, calib = parent
+    with pytest.raises(ValueError, match="--keep_vision needs a Mistral3ForConditionalGeneration"):
+        prune_main.run(str(text_dir), str(tmp_path / "no"), calib, prune.Target(d_ff=64),
+                       keep_vision=True)
+    text = MistralConfig(**{k: v for k, v in PARENT.items() if k != "attn_implementation"})
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=16, patch_size=4)
+    torch.manual_seed(0)
+    wrapper = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, tie_word_embeddings=False,
+        attn_implementation="eager")).eval()
+    randomize(wrapper, seed=1)
+    hf_in, out = tmp_path / "wrapper", tmp_path / "child"
+    wrapper.save_pretrained(hf_in)
+    shutil.copyfile(text_dir / "tokenizer.json", hf_in / "tokenizer.json")
+    (hf_in / "preprocessor_config.json").write_text("{}")
+    summary = prune_main.run(str(hf_in), str(out), calib, prune.Target(n_layers=3, d_model=48),
+                             hidden_method="pca", calib_batches=1, seq_len=16, batch_size=8,
+                             evaluate=False, progress=False, keep_vision=True)
+    assert "preprocessor_config.json" in summary["tokenizer_files"]
+    child, info = Mistral3ForConditionalGeneration.from_pretrained(
+        out, attn_implementation="eager", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert child.config.text_config.hidden_size == 48
+    ids = torch.tensor([[5, 6] + [wrapper.config.image_token_index] * 4 + [7, 8]])
+    with torch.no_grad():
+        logits = child.eval()(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16),
+                              image_sizes=torch.tensor([[16, 16]])).logits
+    assert logits.shape == (1, 8, PARENT["vocab_size"]) and torch.isfinite(logits).all()

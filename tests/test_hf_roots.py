@@ -34,7 +34,7 @@ from transformers import (
     PixtralVisionConfig,
 )
 
-from cascade_jax import hf, model
+from cascade_jax import hf, model, prune
 from cascade_jax.config import ModelConfig, YarnRopeScaling
 
 _TEXT = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -181,6 +181,150 @@ def test_wrapper_without_text_tensors_is_a_clear_error(wrapper, tmp_path):
     assert str(bad) in str(info.value)
 
 
+# ------------------------------------------------------------------------------ wrapper export
+
+
+_PROJECTOR = "multi_modal_projector."
+
+
+def _image_inputs(hf_model) -> dict[str, torch.Tensor]:
+    """One 16 × 16 image (4 × 4 patches of 4, merged 2 × 2: 4 image tokens) between text."""
+    config = hf_model.config
+    merged = config.vision_config.patch_size * config.spatial_merge_size
+    n_image = (config.vision_config.image_size // merged) ** 2
+    text = random_tokens(3, (1, 10)) % config.image_token_index  # no stray image tokens
+    ids = np.concatenate([text[:, :3], np.full((1, n_image), config.image_token_index),
+                          text[:, 3:]], axis=1)
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    return {"input_ids": torch.from_numpy(ids).long(), "pixel_values": pixels,
+            "image_sizes": torch.tensor([[16, 16]])}
+
+
+def _load_wrapper(directory: Path):
+    """transformers' wrapper from `directory`, refusing any missing/unexpected/mismatched key."""
+    loaded, info = Mistral3ForConditionalGeneration.from_pretrained(
+        directory, attn_implementation="eager", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    return loaded.eval()
+
+
+def _logits(hf_model, inputs) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(**inputs).logits.float().numpy()
+
+
+def _projector(directory: Path) -> dict[str, np.ndarray]:
+    return {k.removeprefix(_PROJECTOR): v.numpy() for k, v in
+            load_file(directory / hf.SINGLE_FILE).items() if k.startswith(_PROJECTOR)}
+
+
+def test_rotated_wrapper_child_sees_images_like_its_parent(wrapper, tmp_path):
+    """A full-width rotation of the residual is the parent to rounding; exported as the
+    wrapper (projector output rows rotated too), image + text logits equal the parent's."""
+    name, hf_model, directory = wrapper
+    cfg, params = hf.load(directory)
+    q = np.linalg.qr(np.random.default_rng(0).normal(size=(cfg.d_model, cfg.d_model)))[0]
+    child_cfg, child_params = prune.surgery.rotate_hidden(cfg, params, q)
+    out = hf.save(child_cfg, child_params, tmp_path / "child", vision_from=directory,
+                  hidden_map=prune.surgery.hidden_map(cfg.d_model, rotation=q))
+    config_json = json.loads((out / hf.CONFIG_FILE).read_text())
+    parent_json = json.loads((directory / hf.CONFIG_FILE).read_text())
+    assert config_json["vision_config"] == parent_json["vision_config"]
+    assert config_json["text_config"]["model_type"] == WRAPPERS[name].model_type
+    assert not config_json["tie_word_embeddings"]  # a rotated child is untied
+    child = _load_wrapper(out)
+    inputs = _image_inputs(hf_model)
+    err = rel_err(_logits(child, inputs), _logits(hf_model, inputs))
+    print(f"\n[{name} wrapper] rotated child, image + text max relative error {err:.2e}")
+    assert err <= TOL
+    parent_projector, child_projector = _projector(directory), _projector(out)
+    for key in ("norm.weight", "patch_merger.merging_layer.weight", "linear_1.weight"):
+        np.testing.assert_array_equal(child_projector[key], parent_projector[key])
+
+
+def test_narrower_wrapper_child_maps_the_projector_to_its_channels(wrapper, tmp_path):
+    """A channel cut and a dropped layer: transformers reads the wrapper child, its text logits
+    are ours, and the projector's output rows are the parent's at the kept channels, times the
+    residual scale sqrt(D'/D) every residual writer gets."""
+    name, hf_model, directory = wrapper
+    cfg, params = hf.load(directory)
+    rng = np.random.default_rng(1)
+    d = cfg.d_model
+    scores = prune.Importance(
+        layer_block_influence=rng.random(2), layer_norm_ratio=rng.random(2),
+        neuron=rng.random((2, cfg.d_ff)), head=rng.random((2, cfg.n_heads)),
+        kv_group=rng.random((2, cfg.n_kv_heads)), channel=rng.random(d),
+        residual_cov=np.eye(d), n_tokens=np.float32(1), model_config=cfg.to_dict())
+    pruned = prune.prune(cfg, params, scores, prune.Target(n_layers=1, d_model=32))
+    out = hf.save(pruned.cfg, pruned.params, tmp_path / "child", vision_from=directory,
+                  hidden_map=pruned.record.hidden_map())
+    assert hf.read_config(out) == pruned.cfg  # and it reads back as the child
+    child = _load_wrapper(out)
+    inputs = _image_inputs(hf_model)
+    logits = _logits(child, inputs)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], cfg.vocab_size)
+    assert np.isfinite(logits).all()
+    tokens = _text_tokens()
+    err = rel_err(model.forward(pruned.cfg, pruned.params, jnp.asarray(tokens)),
+                  hf_logits(child, tokens))
+    print(f"\n[{name} wrapper] channel-cut child, text max relative error {err:.2e}")
+    assert err <= TOL
+
+    parent_projector, child_projector = _projector(directory), _projector(out)
+    w1, w2 = parent_projector["linear_1.weight"], parent_projector["linear_2.weight"]
+    # The hidden units kept (transformers sizes them by d_model too): rows of linear_1.
+    units = [int(np.flatnonzero((w1 == row).all(axis=1))[0])
+             for row in child_projector["linear_1.weight"]]
+    assert len(set(units)) == 32
+    channels = pruned.record.channels
+    np.testing.assert_allclose(child_projector["linear_2.weight"],
+                               pruned.record.residual_scale * w2[channels][:, units],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(child_projector["norm.weight"], parent_projector["norm.weight"])
+
+
+def test_wrapper_export_refuses_bad_requests_before_writing(wrapper, tmp_path, monkeypatch):
+    _, _, directory = wrapper
+    cfg, params = hf.load(directory)
+    text_only = hf.save(cfg, params, tmp_path / "text")
+    narrow_cfg, narrow = prune.surgery.keep_channels(cfg, params, list(range(32)))
+    target = tmp_path / "child"
+    cases = [
+        (dict(vision_from=text_only), f"vision_from={str(text_only)!r} is "
+                                      f"['{hf.default_architecture(cfg)}'], not a {hf.WRAPPER}"),
+        (dict(hidden_map=np.eye(cfg.d_model)), "need vision_from="),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            hf.save(cfg, params, target, **{"architecture": None, **kwargs})
+    for kwargs, match in (
+            (dict(), "hidden_map is required: the child's d_model=32"),
+            (dict(hidden_map=np.eye(cfg.d_model)), "hidden_map has shape (48, 48), but it must "
+                                                   "be [hidden_size of vision_from=48, child "
+                                                   "d_model=32]"),
+            (dict(hidden_map=np.eye(cfg.d_model)[:, :32], projector_units=[0] * 32),
+             "projector_units=")):
+        with pytest.raises(ValueError, match=re.escape(match)) as info:
+            hf.save(narrow_cfg, narrow, target, vision_from=directory, **kwargs)
+        assert "record.hidden_map()" in str(info.value) or "projector_units" in match
+    assert list(tmp_path.iterdir()) == [text_only]  # nothing written, not even a temp dir
+
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        hf.save(cfg, params, text_only, vision_from=directory)
+    with pytest.raises(ValueError, match="is vision_from itself"):
+        hf.save(cfg, params, directory, vision_from=directory, overwrite=True)
+
+    def fail(self, name, dtype):
+        raise OSError(f"disk full while writing {name}")
+
+    monkeypatch.setattr(hf._Checkpoint, "tensor", fail)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save(cfg, params, text_only, vision_from=directory, overwrite=True)
+    assert sorted(tmp_path.iterdir()) == [text_only]  # the old export intact, no temp dir
+    assert json.loads((text_only / hf.CONFIG_FILE).read_text())["architectures"] == [
+        hf.default_architecture(cfg)]
+
+
 # ------------------------------------------------------------------------------ FP8
 
 
@@ -268,6 +412,10 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(wrapper, tmp
     err = rel_err(ours, hf_logits(reloaded, tokens))
     print(f"\n[fp8 {case}] export max relative error {err:.2e}")
     assert err <= TOL
+    # As a wrapper: the FP8 parent's (unquantized) vision tensors around the float child.
+    wrapped = hf.save(cfg, params, tmp_path / "wrapped", vision_from=fp8_dir)
+    assert "quantization_config" not in json.loads((wrapped / hf.CONFIG_FILE).read_text())
+    assert rel_err(ours, hf_logits(_load_wrapper(wrapped), tokens)) <= TOL
 
 
 def test_fp8_blocks_read_alone_equal_the_whole_dequantized_tensor():

@@ -459,6 +459,34 @@ def test_record_is_json_and_keeps_the_rotation_as_an_array(parent):
     assert tied.params["lm_head"]["kernel"].shape == (8, 64)
 
 
+def test_hidden_map_takes_the_parent_embedding_to_the_childs(parent):
+    """`record.hidden_map()` is the basis change the surgery applied to every residual writer,
+    so a vector written into the parent's residual (an image embedding) maps with it; two
+    stages compose by matrix product."""
+    params, _ = parent
+    embedding = np.asarray(params["embed"]["embedding"], np.float64)
+    first = None
+    for hidden in ("channel", "pca"):
+        out = prune.prune(CFG, params, _scores(CFG), prune.Target(n_layers=3, d_model=12),
+                          hidden_method=hidden)
+        m = out.record.hidden_map()
+        assert m.shape == (16, 12) and m.dtype == np.float32
+        np.testing.assert_allclose(embedding @ m, out.params["embed"]["embedding"],
+                                   rtol=1e-5, atol=1e-6)
+        if hidden == "channel":
+            assert np.count_nonzero(m) == 12 and first is None
+            first = out
+    assert np.array_equal(prune.prune(CFG, params, None, prune.Target()).record.hidden_map(),
+                          np.eye(16, dtype=np.float32))
+    second = prune.prune(first.cfg, first.params, _scores(first.cfg), prune.Target(d_model=8),
+                         hidden_method="pca")
+    np.testing.assert_allclose(embedding @ (first.record.hidden_map()
+                                            @ second.record.hidden_map()),
+                               second.params["embed"]["embedding"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        prune.surgery.hidden_map(16, channels=[0], rotation=np.eye(16))
+
+
 def test_take_works_on_public_paths(parent):
     """`take` on `paths.flatten(params)` with `layout(cfg)`, nothing private: keeping FFN
     neurons by hand equals `keep_neurons`, and the tensors it touches are checked."""

@@ -12,7 +12,9 @@
 Modules: `importance` (scores), `target` (`Target`), `budget` (`search_targets`), `surgery`
 (`prune`, `child_config` and the checked edits: keep_layers, keep_neurons, keep_query_heads,
 keep_kv_groups, keep_channels, rotate_hidden, pca_rotation, take / Take on
-`paths.flatten(params)` with `layout(cfg)`, top_k, select_layers).
+`paths.flatten(params)` with `layout(cfg)`, top_k, select_layers, hidden_map: the residual
+basis change, also `PruneRecord.hidden_map()`, that `hf.save(vision_from=...)` maps a
+vision projector with).
 """
 
 from cascade_jax.prune import surgery

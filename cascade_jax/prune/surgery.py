@@ -442,10 +442,10 @@ def _pca_flat(cfg: ModelConfig, flat: Flat, q_DP: np.ndarray) -> Flat:
     return flat
 
 
-def _check_rotation(cfg: ModelConfig, rotation: Any) -> np.ndarray:
+def _check_rotation(d_model: int, rotation: Any) -> np.ndarray:
     q = _float64(rotation)
-    if q.ndim != 2 or q.shape[0] != cfg.d_model or not 1 <= q.shape[1] <= cfg.d_model:
-        raise ValueError(f"rotation must be [d_model={cfg.d_model}, D'] with D' <= d_model, "
+    if q.ndim != 2 or q.shape[0] != d_model or not 1 <= q.shape[1] <= d_model:
+        raise ValueError(f"rotation must be [d_model={d_model}, D'] with D' <= d_model, "
                          f"got shape {q.shape}")
     err = np.abs(q.T @ q - np.eye(q.shape[1])).max()
     if err > 1e-4:
@@ -459,9 +459,31 @@ def rotate_hidden(cfg: ModelConfig, params: Params, rotation_DP: Any
     """SliceGPT-style hidden pruning: fold norms, rotate the residual by `rotation_DP`
     ([D, D'], orthonormal columns, e.g. `pca_rotation`), keep D' channels. The child is
     always untied (module docstring)."""
-    q = _check_rotation(cfg, rotation_DP)
+    q = _check_rotation(cfg.d_model, rotation_DP)
     child = cfg.replace(d_model=q.shape[1], tie_embeddings=False)
     return child, _finish(child, _pca_flat(cfg, paths.flatten(params), q))
+
+
+def hidden_map(d_model: int, *, channels: Sequence[int] | None = None,
+               rotation: Any = None) -> np.ndarray:
+    """The [d_model, D'] float32 matrix M taking a parent residual vector to the child's
+    (child = parent @ M): c·(columns `channels` of the identity) after a channel cut,
+    c·`rotation` after PCA, the identity when neither, with c = sqrt(D'/d_model) the residual
+    rescale every narrowing applies (module docstring).
+
+    Why: anything written into the residual from outside the decoder (a vision projector's
+    output, in place of token embeddings) must be mapped by M to mean to the child what it
+    meant to the parent. A child of a child: M_parent @ M_child.
+    """
+    if channels is not None and rotation is not None:
+        raise ValueError("give channels (a channel cut) or rotation (PCA), not both")
+    if rotation is not None:
+        basis = _check_rotation(d_model, rotation)
+    elif channels is not None:
+        basis = np.eye(d_model)[:, _as_index("channels", channels, d_model)]
+    else:
+        basis = np.eye(d_model)
+    return (basis * math.sqrt(basis.shape[1] / d_model)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------ the record
@@ -499,6 +521,11 @@ class PruneRecord:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {} if self.rotation is None else {"rotation": self.rotation}
+
+    def hidden_map(self) -> np.ndarray:
+        """`hidden_map` of this prune: parent residual @ it = the child's ([D, D'])."""
+        return hidden_map(int(self.parent_config["d_model"]), channels=self.channels,
+                          rotation=self.rotation)
 
 
 class Pruned(NamedTuple):
