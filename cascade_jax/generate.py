@@ -285,24 +285,40 @@ def _left_pad(rows: list[np.ndarray], batch: int, prompt_len: int
     return tokens_BP, start_B, np.arange(batch) < len(rows)
 
 
+def _bucketed(cfg: ModelConfig, prompts: Sequence[np.ndarray], sampling: SamplingParams,
+              mesh: Mesh | None, prompt_len: int | None
+              ) -> tuple[list[np.ndarray], int, int]:
+    """(rows: each checked prompt `sampling.n` times, row bucket, prompt slots): the shapes
+    of one compiled call. `prompt_len` (None: `prompt_bucket` of the longest) fixes the
+    slots, so calls whose longest prompt varies still share one compiled function."""
+    checked = _checked_prompts(cfg, prompts, sampling)
+    rows = [prompt for prompt in checked for _ in range(sampling.n)]
+    longest = max(len(row) for row in rows)
+    if prompt_len is None:
+        prompt_len = prompt_bucket(longest)
+    elif not isinstance(prompt_len, int | np.integer) or isinstance(prompt_len, bool) or (
+            prompt_len < longest):
+        raise ValueError(f"prompt_len={prompt_len!r} is shorter than the longest prompt "
+                         f"({longest} tokens); give at least {longest}, or None for a bucket")
+    return rows, _row_bucket(len(rows), mesh), int(prompt_len)
+
+
 def generate(cfg: ModelConfig, params: model.Params, prompts: Sequence[np.ndarray],
              sampling: SamplingParams, *, rng: jax.Array | None = None,
-             mesh: Mesh | None = None) -> Completions:
+             mesh: Mesh | None = None, prompt_len: int | None = None) -> Completions:
     """`sampling.n` completions of every prompt (1-D token arrays of any lengths).
 
     `rng` is required unless greedy (temperature 0); the same rng gives the same completions.
     With `mesh`, params are placed by `sharding.param_shardings`, rows split over
-    data × fsdp and the cache's KV heads over tensor.
+    data × fsdp and the cache's KV heads over tensor. `prompt_len`: the prompt slots (at
+    least the longest prompt; None: a power of two), fixed to keep one compiled sampler.
     """
-    checked = _checked_prompts(cfg, prompts, sampling)
     if rng is None:
         if sampling.temperature > 0:
             raise ValueError(f"temperature={sampling.temperature} samples: pass "
                              "rng=jax.random.key(seed) (or temperature=0 for greedy)")
         rng = jax.random.key(0)  # unused by greedy decoding
-    rows = [prompt for prompt in checked for _ in range(sampling.n)]
-    batch = _row_bucket(len(rows), mesh)
-    prompt_len = prompt_bucket(max(len(row) for row in rows))
+    rows, batch, prompt_len = _bucketed(cfg, prompts, sampling, mesh, prompt_len)
     sampler = _sampler(cfg, mesh, batch, prompt_len, dataclasses.replace(sampling, n=1))
     if mesh is not None:
         params = sharding.shard_like(params, sampler.param_shardings)
@@ -313,6 +329,42 @@ def generate(cfg: ModelConfig, params: model.Params, prompts: Sequence[np.ndarra
     return Completions(tokens=_to_host(state.tokens_BT)[:count],
                        lengths=_to_host(state.lengths_B)[:count],
                        logprobs=_to_host(state.logprobs_BT)[:count])
+
+
+@functools.lru_cache(maxsize=16)
+def _scorer(cfg: ModelConfig, mesh: Mesh | None, rows: int, prompt_len: int,
+            token_ids: tuple[int, ...]) -> tuple[Callable[..., jax.Array], object]:
+    """(jitted `(params, tokens_BP, start_B) -> [B, T]` log-probs of `token_ids` after each
+    left-padded prompt, where params must live)."""
+    def score(params: model.Params, tokens_BP: jax.Array, start_B: jax.Array) -> jax.Array:
+        logits_BV, _ = model.prefill(cfg, params, tokens_BP, start_B, prompt_len)
+        logprobs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+        return logprobs_BV[:, jnp.asarray(token_ids, jnp.int32)]
+
+    if mesh is None:
+        return jax.jit(score), None
+    params_sh = sharding.param_shardings(cfg, mesh)
+    return jax.jit(sharding.traced_on_mesh(score, mesh),
+                   in_shardings=(params_sh, sharding.batch_sharding(mesh),
+                                 NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))),
+                   out_shardings=sharding.replicated(mesh)), params_sh
+
+
+def next_token_logprobs(cfg: ModelConfig, params: model.Params, prompts: Sequence[np.ndarray],
+                        token_ids: Sequence[int], *, mesh: Mesh | None = None,
+                        prompt_len: int | None = None) -> np.ndarray:
+    """[R, T] float32: log p(token_ids[t] | prompt r) under the model, one prefill and no
+    sampling (e.g. a judge's verdict tokens at its cue). Prompts are checked and bucketed
+    as by `generate` (`prompt_len` alike)."""
+    ids = tuple(int(t) for t in token_ids)
+    if not ids or any(not 0 <= t < cfg.vocab_size for t in ids):
+        raise ValueError(f"token_ids={list(token_ids)} must be ids in [0, {cfg.vocab_size})")
+    rows, batch, prompt_len = _bucketed(cfg, prompts, SamplingParams(1), mesh, prompt_len)
+    score, params_sh = _scorer(cfg, mesh, batch, prompt_len, ids)
+    if mesh is not None:
+        params = sharding.shard_like(params, params_sh)
+    tokens_BP, start_B, _ = _left_pad(rows, batch, prompt_len)
+    return _to_host(score(params, tokens_BP, start_B))[:len(rows)]
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -52,7 +52,14 @@ OBJECTIVE_SETTINGS = {
     "seq_kd": dict(samples_per_prompt=2, prompts=2048, temperature=1.0, keep="correct"),
     "on_policy": dict(kind="jsd", beta=0.5, student_fraction=0.5, off_policy="data",
                       sample_temperature=1.0, chunk_size=64),
-    # post-training variants (Ministral 3's instruct and reasoning recipes, at our scale)
+    # post-training variants (Ministral 3's instruct and reasoning recipes, at our scale).
+    # A judge model instead of the verifier (judge="model": the stage's teacher compares each
+    # pair of samples, cascade_jax.objectives.judge) is off here: the teacher of these stages
+    # (the distilled model itself) never learned to compare, and its 64 tokens hold two
+    # completions only when they are cut short. To try it: judge="model",
+    # max_new_tokens=26, judge_template="{prompt}{a}#{b}", judge_labels=("1", "2") (the
+    # task's alphabet), judge_max_new_tokens=1 (1 + 10 + 2 × 26 + 1 = 64 tokens: template,
+    # longest problem, two completions, verdict).
     "preference": dict(loss="dpo", beta=0.1, samples_per_prompt=2, judge="verifier",
                        sample_temperature=1.0, chunk_size=64),
     "grpo": dict(preset="magistral", group_size=8, sample_temperature=1.0, chunk_size=64),

@@ -479,7 +479,8 @@ def test_offline_pairs_are_refused_by_line(tmp_path):
     preference = objectives.get("preference")
     for block, message in [(dict(loss="ipo"), r"loss='ipo' is not one of"),
                            (dict(samples_per_prompt=1), r"samples_per_prompt=1: a preference"),
-                           (dict(judge="gpt"), r"judge='gpt' is not one of \['verifier'\]"),
+                           (dict(judge="gpt"),
+                            r"judge='gpt' is not one of \['model', 'verifier'\]"),
                            (dict(beta=0.0), r"beta=0.0 must be a finite number > 0")]:
         with pytest.raises(ValueError, match=message):
             preference.parse_settings(block, "stages.i.preference")

@@ -9,7 +9,8 @@ the completions of the run's task), `seq_kd` (cross-entropy on the teacher's sam
 optionally verified completions), `on_policy` (GKD: the fused KD loss on sequences the
 student samples during training), `grpo` (group-relative policy optimisation on the task's
 verifier or a teacher's per-token log-probs), `preference` (online / offline / offset DPO
-against the stage's frozen starting params) and `codistill` (the stages of a group trained
+against the stage's frozen starting params; judged by the verifier or a judge model,
+`objectives.judge`) and `codistill` (the stages of a group trained
 together in one step, each on CE plus α·KL to its peers' mean prediction). See
 `objectives.base` for the contract; `cascade.py` never branches on an objective.
 """

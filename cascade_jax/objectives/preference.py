@@ -14,9 +14,11 @@ without the score offset.
   α·log(s_w − s_l) from the judge's (or the file's) scores.
 
 Judges: `judge='verifier'` scores a completion by the task's verifier (`RewardSpec`: correct,
-well-formed, optional length shaping). Another scoring function plugs in with
-`register_judge(name, factory)`; a judge *model* (another checkpoint run through the sampler on
-a comparison prompt) is such a factory, not built yet.
+well-formed, optional length shaping). `judge='model'`: the stage's teacher compares each pair
+of a prompt's samples on a comparison prompt (`judge_template`), through our sampler, in both
+orders (`objectives.judge`: verdicts, position bias, win-rate scores). Another scoring function
+plugs in with `register_judge(name, factory)`. A judge other than the verifier is measured
+against it: `judge_agreement` and `judge_ties` (each over its own `_count`).
 
 Each batch row holds one pair: the chosen sequence in the batch contract's keys (`tokens`,
 `segment_ids`, `positions`, `loss_mask`), the rejected one under `rejected_*`, and [P, 1]
@@ -29,6 +31,7 @@ AdamW step, on a zero gradient.)
     stages.child_instruct.preference = dict(beta=0.1, samples_per_prompt=2,
                                             max_new_tokens=48)
     stages.child_odpo.preference = dict(loss='odpo', alpha=1.0, source='pairs.jsonl')
+    stages.child_judged.preference = dict(judge='model', samples_per_prompt=4)  # its teacher
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import optax
 
 from cascade_jax import aot, model, posttrain, sharding, steps, validate
 from cascade_jax.config import ModelConfig
+from cascade_jax.objectives import judge as judges
 from cascade_jax.objectives import rollouts
 from cascade_jax.objectives.base import Built, HostBatch, StageContext
 
@@ -55,28 +59,39 @@ REJECTED = "rejected_"
 PAIR_METRICS = ("reward_accuracy", "margin", "chosen_reward", "rejected_reward",
                 "chosen_logprob", "rejected_logprob")
 
-# (prompt texts [R], completion texts [R], completion lengths [R]) -> scores [R]
-JudgeFn = Callable[[Sequence[str], Sequence[str], np.ndarray], np.ndarray]
-# (the stage, its settings, the sampler's max_new_tokens) -> a judge
-JudgeFactory = Callable[[StageContext, "Settings", int], JudgeFn]
+# `judge(prompt texts [R], completion texts [R], completion lengths [R], k=, step=)` -> scores
+# [R] (or a `judges.Judgement`); (the stage, its settings, the rollouts' shape) -> a judge
+JudgeFn = judges.JudgeFn
+JudgeFactory = Callable[[StageContext, "Settings", judges.RolloutShape], JudgeFn]
+JUDGE_FIELDS = ("judge_template", "judge_labels", "judge_verdict", "judge_max_new_tokens",
+                "judge_temperature")  # judge='model' only
 
 
-def _verifier_judge(ctx: StageContext, settings: Settings, max_new_tokens: int) -> JudgeFn:
-    """The task's verifier, made a score by `RewardSpec`."""
-    def judge(prompts_R: Sequence[str], completions_R: Sequence[str], lengths_R: np.ndarray
-              ) -> np.ndarray:
-        return rollouts.judge_with_verifier(ctx.task, prompts_R, completions_R, lengths_R,
-                                            max_new_tokens, settings.rewards).reward
+def verifier_rewards(ctx: StageContext, settings: Settings, max_new_tokens: int,
+                     prompts_R: Sequence[str], completions_R: Sequence[str],
+                     lengths_R: np.ndarray) -> np.ndarray:
+    """[R] the task's verifier, made a score by `RewardSpec`."""
+    return rollouts.judge_with_verifier(ctx.task, prompts_R, completions_R, lengths_R,
+                                        max_new_tokens, settings.rewards).reward
+
+
+def _verifier_judge(ctx: StageContext, settings: Settings, shape: judges.RolloutShape
+                    ) -> JudgeFn:
+    def judge(prompts_R: Sequence[str], completions_R: Sequence[str], lengths_R: np.ndarray,
+              **_: Any) -> np.ndarray:
+        return verifier_rewards(ctx, settings, shape.max_new_tokens, prompts_R, completions_R,
+                                lengths_R)
     return judge
 
 
-JUDGES: dict[str, JudgeFactory] = {"verifier": _verifier_judge}
+JUDGES: dict[str, JudgeFactory] = {"verifier": _verifier_judge, "model": judges.model_judge}
 
 
 def register_judge(name: str, factory: JudgeFactory) -> None:
-    """Make `judge=name` available: `factory(ctx, settings, max_new_tokens)` returns the
-    function that scores a step's completions (a judge model would sample its verdicts
-    here, through `generate`)."""
+    """Make `judge=name` available: `factory(ctx, settings, judges.RolloutShape)` returns the
+    function that scores a step's completions, called as `judge(prompts_R, completions_R,
+    lengths_R, k=samples per prompt, step=loop step)` (rows prompt-major; randomness keyed
+    by the step); it returns [R] scores or a `judges.Judgement` with its comparisons."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"judge name {name!r} must be a non-empty string")
     JUDGES[name] = factory
@@ -86,8 +101,12 @@ def register_judge(name: str, factory: JudgeFactory) -> None:
 class Settings:
     """loss: 'dpo' | 'odpo'. beta: DPO's β. alpha / min_score_gap: the offset of 'odpo'.
     source: '' (online: the policy samples, the judge ranks) or a JSONL file of pairs.
-    judge: a name in `JUDGES`. samples_per_prompt: online samples per prompt (best vs
-    worst). pairs_per_step: pairs (prompts) per loop step (None: config.data.batch_size).
+    judge: a name in `JUDGES` ('verifier', 'model': the stage's teacher compares samples).
+    judge_template / judge_labels / judge_verdict ('generate' | 'logprob') /
+    judge_max_new_tokens / judge_temperature: the judge model's comparison prompt, its verdict
+    labels and how the verdict is read (`objectives.judge`). samples_per_prompt: online
+    samples per prompt (best vs worst). pairs_per_step: pairs (prompts) per loop step (None:
+    config.data.batch_size).
     sample_temperature / top_p / max_new_tokens / prompts: the online sampler and the
     problems it draws from. rewards: the verifier's score (`RewardSpec` fields, flat).
     chunk_size: positions per chunk of the log-prob head."""
@@ -99,6 +118,11 @@ class Settings:
     min_score_gap: float = 1e-3
     source: str = ""
     judge: str = "verifier"
+    judge_template: str = judges.DEFAULT_TEMPLATE
+    judge_labels: tuple[str, str] = judges.DEFAULT_LABELS
+    judge_verdict: str = "generate"
+    judge_max_new_tokens: int = 4
+    judge_temperature: float = 0.0
     samples_per_prompt: int = 2
     pairs_per_step: int | None = None
     sample_temperature: float = 1.0
@@ -121,6 +145,23 @@ class Settings:
                              "{prompt, chosen, rejected} pairs, or '' to sample online")
         validate.one_of("judge", self.judge, JUDGES,
                         "register another with preference.register_judge")
+        object.__setattr__(self, "judge_labels", judges.check_template(
+            self.judge_template, self.judge_labels))
+        validate.one_of("judge_verdict", self.judge_verdict, judges.VERDICTS,
+                        "'logprob' compares the labels' log-probs, without sampling")
+        validate.positive_int("judge_max_new_tokens", self.judge_max_new_tokens,
+                              "a few tokens: the verdict label")
+        generate.SamplingParams(self.judge_max_new_tokens, temperature=self.judge_temperature)
+        if self.judge != "model":
+            fields = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [f for f in JUDGE_FIELDS if getattr(self, f) != fields[f]]
+            if changed:
+                raise ValueError(f"{changed} set the judge model, but judge={self.judge!r}; "
+                                 "set judge='model' or drop them")
+        if self.source and self.judge != "verifier":
+            raise ValueError(f"judge={self.judge!r} judges online samples, but source="
+                             f"{self.source!r} reads offline pairs (their order is the "
+                             "preference); drop one")
         validate.positive_int("samples_per_prompt", self.samples_per_prompt)
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt={self.samples_per_prompt}: a preference "
@@ -211,6 +252,10 @@ def loss_sums(scfg: StepConfig, params: Any, reference: Any, scale: jax.Array,
                                                 - batch["score_rejected"][:, 0])) * scale
     sums["loss_sum"] = jnp.sum(weight_P * loss_P) * scale
     sums["tied_sum"] = jnp.sum(1.0 - weight_P)
+    for name in judges.METRICS:  # a judge other than the verifier: (sum, own count) columns
+        if name in batch:
+            sums[f"{name}_sum"] = jnp.sum(batch[name])
+            sums[f"{name}_count"] = jnp.sum(batch[f"{name}_count"])
     sums["count"] = jnp.asarray(weight_P.shape[0], jnp.float32)
     return sums["loss_sum"], sums
 
@@ -273,6 +318,15 @@ def online_pairs(rows: Mapping[str, np.ndarray], scores_R: np.ndarray, k: int
     lines = np.arange(scores_PK.shape[0])
     return pair_batch(pick["chosen"], pick["rejected"], scores_PK[lines, chosen_P],
                       scores_PK[lines, rejected_P], (~tied_P).astype(np.float32))
+
+
+def agreement(judged: judges.Judgement, verifier_R: np.ndarray, k: int
+              ) -> dict[str, np.ndarray]:
+    """The judge's agreement with the verifier as [P, 1] columns of the pair batch (its
+    comparisons; a scoring judge's from its scores)."""
+    comparisons = judged.comparisons or judges.score_comparisons(judged.scores, k)
+    columns = judges.agreement_columns(comparisons, verifier_R, k, len(verifier_R) // k)
+    return {name: rollouts.column(values) for name, values in columns.items()}
 
 
 def read_offline_pairs(path: str, tokenizer: Any, *, seq_len: int, need_scores: bool
@@ -341,7 +395,7 @@ def offline_batches(pairs: list[dict[str, np.ndarray]], *, batch_size: int, seed
 class Preference:
     name: str = "preference"
     loss_label: str = "DPO loss"
-    uses_teacher: bool = False
+    uses_teacher: bool = True  # only judge='model' uses it: the judge
     needs_task: bool = False  # offline pairs need none; online sampling checks at build
 
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
@@ -385,8 +439,11 @@ class Preference:
                 max_seq_len=ctx.student.max_seq_len, longest_prompt=source.longest,
                 eos=data.eos_id(ctx.tokenizer), key=f"{where}.preference")
             settings.rewards.check_budget(sampling.max_new_tokens, f"{where}.preference")
-            judge = JUDGES[settings.judge](ctx, settings, sampling.max_new_tokens)
+            judge = JUDGES[settings.judge](ctx, settings, judges.RolloutShape(
+                sampling.max_new_tokens, source.longest))
             lineage.update(max_new_tokens=sampling.max_new_tokens)
+            if settings.judge == "model":
+                lineage.update(judge_model=ctx.teacher.name, judge_slots=judge.slots)
 
             def prepare_batch(state: steps.TrainState, batch: HostBatch) -> HostBatch:
                 step = int(jax.device_get(state.step))
@@ -395,9 +452,16 @@ class Preference:
                     ctx.student, state.params, prompts.row_prompts(everything), sampling,
                     seq_len=ctx.data.seq_len, rng=jax.random.fold_in(ctx.rng, step),
                     mesh=ctx.mesh, tokenizer=ctx.tokenizer)
-                scores_R = judge([source.text(ctx.tokenizer, p) for p in roll.prompts],
-                                 roll.texts, roll.lengths)
-                pairs = online_pairs(roll.rows, scores_R, settings.samples_per_prompt)
+                texts = [source.text(ctx.tokenizer, p) for p in roll.prompts]
+                judged = judge(texts, roll.texts, roll.lengths, k=settings.samples_per_prompt,
+                               step=step)
+                if not isinstance(judged, judges.Judgement):
+                    judged = judges.Judgement(np.asarray(judged, np.float32))
+                pairs = online_pairs(roll.rows, judged.scores, settings.samples_per_prompt)
+                if settings.judge != "verifier" and callable(getattr(ctx.task, "score", None)):
+                    pairs.update(agreement(judged, verifier_rewards(
+                        ctx, settings, sampling.max_new_tokens, texts, roll.texts, roll.lengths),
+                        settings.samples_per_prompt))
                 return rollouts.local_rows(pairs, len(pairs["tokens"]))
 
         def make_state() -> steps.TrainState:
