@@ -8,11 +8,19 @@ cache) minus the 8 virtual devices (one device, as on Colab), plus PYTHONPATH = 
 runs in a temporary directory, and shares the data cache ($CASCADE_JAX_CACHE or
 ~/.cache/cascade_jax), so the built-in tokenizer is trained at most once.
 
+`real_model.ipynb` cascades a released model (SmolLM2-135M) that CI cannot download: it runs
+on a random-weight stand-in of the same architecture written here with `transformers`
+(`CASCADE_JAX_NOTEBOOK_MODEL_DIR`), in its quick mode (`CASCADE_JAX_NOTEBOOK_QUICK=1`).
+
 Convention: a notebook binds `summary`, a dict of its headline figures. The probe reads it and
 the checks below run on whatever keys it has: every `perplexity*` is finite and below the
 vocabulary size, a child has fewer params than its parent, distillation improves on the pruned
 child, the importance-chosen layers beat the control that keeps the lowest-scored ones, and a
-cascade's pruned, distilled child beats the same shape trained from random init.
+cascade's pruned, distilled child beats the same shape trained from random init,
+distillation brings the child closer to its teacher (KL), an export's logits match
+`transformers`' to 1e-4, and greedy generation agrees with `transformers`'. On a random-weight
+parent the checks of language-model quality (below the vocabulary, beating the unigram
+baseline, healing lowering perplexity) are skipped: random weights cannot meet them.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 KERNEL_NAME = "cascade-jax-test"
 CELL_TIMEOUT_S = 600
+EXPORT_TOL = 1e-4  # max relative error of float32 logits, as tests/hf_reference.py's TOL
 PROBE_TAG = "CASCADE_JAX_PROBE "
 PROBE = f"""
 import json as _json
@@ -51,21 +60,77 @@ def _install_kernelspec(directory: Path) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
+def _write_smollm2_standin(directory: Path) -> None:
+    """A random-weight stand-in for HuggingFaceTB/SmolLM2-135M, laid out as its Hugging Face
+    directory: a bfloat16 `LlamaForCausalLM` of the same family (tied embeddings, 3 query heads
+    per KV head, rope_theta 1e5, BOS = EOS = 0) at tiny dims, and a
+    byte-level BPE `tokenizer.json` with SmolLM2's special tokens (`<|endoftext|>` = 0) trained
+    on a few stdlib modules. Weights are drawn with std 0.2 rather than 0.02, so the parent's
+    next-token distributions are far from uniform and the KL a pruned child must recover is
+    not negligible."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from cascade_jax import data
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train(data.builtin_corpus_files("train")[:20], trainers.BpeTrainer(
+        vocab_size=384, special_tokens=special, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=special[0], eos_token=special[0],
+        unk_token=special[0]).save_pretrained(directory)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=96, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+        max_position_embeddings=512, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+
+
+def _notebook_env(name: str, tmp_path: Path) -> tuple[dict[str, str], bool]:
+    """(environment variables, whether its parent has random weights) for notebook `name`."""
+    if name == "real_model.ipynb":
+        standin = tmp_path / "SmolLM2-135M-standin"
+        _write_smollm2_standin(standin)
+        return {"CASCADE_JAX_NOTEBOOK_MODEL_DIR": str(standin),
+                "CASCADE_JAX_NOTEBOOK_QUICK": "1"}, True
+    return {}, False
+
+
 def _stream_text(cell: dict) -> str:
     return "".join(out.get("text", "") for out in cell.get("outputs", [])
                    if out.get("output_type") == "stream")
 
 
-def _check_summary(name: str, summary: dict) -> None:
+def _check_summary(name: str, summary: dict, *, random_parent: bool = False) -> None:
+    """The headline figures' checks (module docstring); `random_parent`: the notebook ran on
+    random weights, so only the checks that do not need a trained language model apply."""
     vocab = summary.get("vocab_size")
     perplexities = {k: v for k, v in summary.items() if k.startswith("perplexity")}
     assert perplexities, f"{name}: summary has no perplexity_* entries: {sorted(summary)}"
     for key, value in perplexities.items():
         assert math.isfinite(value) and value > 1.0, f"{name}: {key}={value}"
-        if vocab is not None:
+        if vocab is not None and not random_parent:
             assert value < vocab, f"{name}: {key}={value} is no better than chance ({vocab})"
     if "params_parent" in summary and "params_child" in summary:
         assert summary["params_child"] < summary["params_parent"], summary
+    if "kl_pruned" in summary and "kl_healed" in summary:
+        assert 0.0 <= summary["kl_healed"] < summary["kl_pruned"], (
+            f"{name}: distillation did not bring the child closer to its teacher: {summary}")
+    if "export_max_rel_error" in summary:
+        assert summary["export_max_rel_error"] <= EXPORT_TOL, (
+            f"{name}: transformers' logits of the export differ from ours: {summary}")
+    if "greedy_matches_transformers" in summary:
+        assert summary["greedy_matches_transformers"] is True, (
+            f"{name}: greedy generation differs from transformers': {summary}")
+    if random_parent:
+        return
     if "perplexity_parent" in summary and "perplexity_unigram" in summary:
         assert summary["perplexity_parent"] < summary["perplexity_unigram"], (
             f"{name}: the parent did not beat the unigram baseline: {summary}")
@@ -79,7 +144,8 @@ def _check_summary(name: str, summary: dict) -> None:
 
 
 def test_notebooks_found() -> None:
-    assert {"quickstart.ipynb", "tiny_cascade.ipynb"} <= {p.name for p in NOTEBOOKS}, NOTEBOOKS
+    assert {"quickstart.ipynb", "tiny_cascade.ipynb", "real_model.ipynb"} <= {
+        p.name for p in NOTEBOOKS}, NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -89,6 +155,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not stored, f"{path.name}: store notebooks with outputs cleared"
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
 
+    env, random_parent = _notebook_env(path.name, tmp_path)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     _install_kernelspec(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
@@ -114,8 +183,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         f"the kernel ran {result['prefix']}, not this interpreter's {sys.prefix}")
     assert isinstance(result["summary"], dict), (
         f"{path.name} must bind `summary`, a dict of its headline figures")
-    _check_summary(path.name, result["summary"])
+    _check_summary(path.name, result["summary"], random_parent=random_parent)
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    expected_images = {"quickstart.ipynb": 1, "tiny_cascade.ipynb": 2}.get(path.name)
-    if expected_images is not None:  # quickstart: layer importance; cascade: losses, importance
+    expected_images = {"quickstart.ipynb": 1, "tiny_cascade.ipynb": 2,
+                       "real_model.ipynb": 1}.get(path.name)
+    if expected_images is not None:  # layer importance; the cascade also plots its losses
         assert len(images) == expected_images, f"{path.name}: {len(images)} plots shown"
