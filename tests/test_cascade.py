@@ -6,8 +6,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -26,8 +24,7 @@ from cascade_jax import (
     validate,
 )
 from cascade_jax.config import ModelConfig
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import killed_runs
 
 
 def tiny_config(corpus_dir: str, workdir: str) -> ml_collections.ConfigDict:
@@ -135,35 +132,6 @@ def test_pruned_step_zero_equals_surgery_on_the_parent(reference):
     _assert_bit_identical(step0, out.params)
 
 
-def _worker(corpus_dir: str, workdir: str, kill_dir: str = "", kill_step: int = -1,
-            kill_when: str = "") -> None:
-    """Run the cascade; SIGKILL this process at one save ('during' it, or 'after' commit)."""
-    if kill_dir:
-        original = checkpoint.Checkpointer.save
-
-        def save(self, step, state, **kwargs):
-            saved = original(self, step, state, **kwargs)
-            if step == kill_step and str(self.directory).endswith(kill_dir):
-                if kill_when == "after":
-                    self.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return saved
-
-        checkpoint.Checkpointer.save = save
-    cascade.run(tiny_config(corpus_dir, workdir), progress=False)
-
-
-def _run_worker(*args) -> int:
-    code = f"import runpy; runpy.run_path({__file__!r})['_worker'](*{args!r})"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-    if done.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(done.stdout[-3000:] + done.stderr[-3000:])
-    return done.returncode
-
-
 def test_killed_at_several_points_resumes_bit_identical(reference, corpus_dir, tmp_path):
     ref_dir, ref_results = reference
     workdir = str(tmp_path / "run")
@@ -171,8 +139,9 @@ def test_killed_at_several_points_resumes_bit_identical(reference, corpus_dir, t
              ("child/checkpoints", 0, "during"),    # pruned child's first save half-written
              ("grandchild/checkpoints", 4, "during")]
     for kill_dir, step, when in kills:
-        assert _run_worker(corpus_dir, workdir, kill_dir, step, when) == -signal.SIGKILL
-    assert _run_worker(corpus_dir, workdir) == 0
+        assert killed_runs.run_in_subprocess(__file__, "tiny_config", (corpus_dir, workdir),
+                                             kill_dir, step, when) == -signal.SIGKILL
+    assert killed_runs.run_in_subprocess(__file__, "tiny_config", (corpus_dir, workdir)) == 0
     for stage in ("root", "child", "grandchild", "child_random_ce"):
         _assert_bit_identical(_final_params(workdir, stage), _final_params(ref_dir, stage))
     results = pathlib.Path(workdir, "results.csv").read_text().splitlines()

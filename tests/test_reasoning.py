@@ -3,7 +3,7 @@ verified), `on_policy` (GKD) batches and steps, and both objectives as cascade s
 
 import json
 import os
-import shutil
+import signal
 
 import jax
 import ml_collections
@@ -25,6 +25,7 @@ from cascade_jax import (
 )
 from cascade_jax.config import ModelConfig
 from cascade_jax.objectives import StageContext, Trained
+from tests import killed_runs
 from tests.test_prompts import task_config
 
 TASK = tasks.ChainArithmetic(min_steps=1, max_steps=2)
@@ -234,51 +235,74 @@ def test_on_policy_samples_the_student_into_rows_and_compiles_its_sampler_once()
     assert compiled == 1  # one bucket: the sampler compiled at the first step only
 
 
-# ------------------------------------------------- both objectives as stages, and a restart
+# ------------------------------------ every sampling objective as a stage, and kill -9
 
 
 def _reasoning_cascade(workdir) -> ml_collections.ConfigDict:
+    """root → seq_kd child, on_policy child; the seq_kd child → grpo, online DPO; and a
+    codistilled pair: every objective that samples or trains in a group, 4 steps each."""
     config = task_config(str(workdir))
     child = {k: v for k, v in config.stages.child.to_dict().items() if k != "sft"}
+    posttrain = {**child, "parent": "child_seq_kd", "teacher": "child_seq_kd",
+                 "init": "parent", "target": {}}
+    pair = dict(group="pair", alpha=0.5, refresh_every=2, chunk_size=16)
     config.stages = dict(
         child_seq_kd={**child, "objective": "seq_kd", "steps": 4,
                       "seq_kd": dict(samples_per_prompt=2, prompts=12, keep="all",
                                      prompts_per_part=8)},
         child_gkd={**child, "objective": "on_policy", "steps": 4,
                    "on_policy": dict(kind="jsd", beta=0.5, student_fraction=1.0, prompts=32,
-                                     chunk_size=16)})
-    config.stage_order = ("child_seq_kd", "child_gkd")
+                                     chunk_size=16)},
+        child_grpo={**posttrain, "objective": "grpo", "steps": 4,
+                    "grpo": dict(preset="magistral", group_size=4, prompts_per_step=2,
+                                 prompts=16, chunk_size=16)},
+        child_dpo={**posttrain, "objective": "preference", "steps": 4,
+                   "preference": dict(samples_per_prompt=2, prompts=16, chunk_size=16)},
+        deep={**child, "objective": "codistill", "steps": 4, "codistill": pair},
+        wide={**child, "objective": "codistill", "steps": 4, "codistill": pair,
+              "target": dict(d_ff=32)})
+    config.stage_order = ("child_seq_kd", "child_gkd", "child_grpo", "child_dpo", "deep",
+                          "wide")
     config.checkpoint_every = 2
     config.keep_checkpoints = 2
     return config
 
 
-def test_seq_kd_and_on_policy_stages_run_and_resume_from_a_checkpoint_to_the_same_model(
-        tmp_path):
-    config = _reasoning_cascade(tmp_path)
-    whole = cascade.run(config, progress=False)
-    assert [r["stage"] for r in whole] == ["root", "child_seq_kd", "child_gkd"]
+def _stage_params(workdir, stage):
+    mesh = sharding.make_mesh(data=-1)
+    return jax.device_get(cascade.load_checkpoint_model(
+        str(workdir / stage / "checkpoints"), mesh)[1])
+
+
+def test_sampling_stages_resume_bit_identically_after_kill_9_at_each(tmp_path):
+    """Each stage killed at its step-2 save (half written, or just committed), the run restarted
+    each time: the rollouts, judge and sampler keys, teacher samples and the joint group state
+    all come back, so every stage ends on the uninterrupted run's params to the bit."""
+    whole = cascade.run(_reasoning_cascade(tmp_path / "whole"), progress=False)
+    assert [r["stage"] for r in whole] == ["root", "child_seq_kd", "child_gkd", "child_grpo",
+                                           "child_dpo", "deep", "wide"]
     for r in whole:  # scores by generation joined the table
         assert {"pass@1", "well_formed", "length", "pass@1_harder"} <= set(r)
-    assert "pass@1_harder" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "task_accuracy.png").exists()
-    manifest = json.loads((tmp_path / "child_seq_kd" / "teacher_data" /
+    assert "pass@1_harder" in (tmp_path / "whole" / "results.md").read_text()
+    assert (tmp_path / "whole" / "task_accuracy.png").exists()
+    manifest = json.loads((tmp_path / "whole" / "child_seq_kd" / "teacher_data" /
                            "manifest.json").read_text())
     assert manifest["rows"] == 24 and manifest["parts"] == 2
-    stage = json.loads((tmp_path / "child_gkd" / "stage.json").read_text())
+    stage = json.loads((tmp_path / "whole" / "child_gkd" / "stage.json").read_text())
     assert stage["objective"] == "on_policy"
 
-    # the state a kill after the step-2 checkpoint leaves: no step 4, no result
-    mesh = sharding.make_mesh(data=-1)
-    stage_dir = tmp_path / "child_gkd"
-    _, uninterrupted = cascade.load_checkpoint_model(str(stage_dir / "checkpoints"), mesh)
-    uninterrupted = jax.device_get(uninterrupted)
-    shutil.rmtree(stage_dir / "checkpoints" / "4")
-    (stage_dir / "result.json").unlink()
-    resumed = cascade.run(config, progress=False)
-    _, params = cascade.load_checkpoint_model(str(stage_dir / "checkpoints"), mesh)
-    # steps 3 and 4 sampled again from the restored state: the same rollouts, the same model
-    jax.tree.map(np.testing.assert_array_equal, uninterrupted, jax.device_get(params))
-    for x, y in zip(whole, resumed, strict=True):
+    killed = tmp_path / "killed"
+    kills = [("child_seq_kd/checkpoints", "during"), ("child_gkd/checkpoints", "after"),
+             ("child_grpo/checkpoints", "during"), ("child_dpo/checkpoints", "after"),
+             ("pair_codistill/checkpoints", "during")]
+    for kill_dir, when in kills:
+        assert killed_runs.run_in_subprocess(__file__, "_reasoning_cascade", (str(killed),),
+                                             kill_dir, 2, when) == -signal.SIGKILL
+    assert killed_runs.run_in_subprocess(__file__, "_reasoning_cascade", (str(killed),)) == 0
+    for r in whole[1:]:
+        jax.tree.map(np.testing.assert_array_equal, _stage_params(killed, r["stage"]),
+                     _stage_params(tmp_path / "whole", r["stage"]))
+    for x in whole:  # the same rows: losses, scores by generation, tokens seen
+        y = json.loads((killed / x["stage"] / "result.json").read_text())
         assert {k: v for k, v in x.items() if k not in ("wall_s", "fingerprint")} == {
             k: v for k, v in y.items() if k not in ("wall_s", "fingerprint")}
