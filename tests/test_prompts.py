@@ -288,19 +288,3 @@ def test_a_jsonl_task_block(tmp_path):
         len(p.completion) + 1 for p in held_out)  # every problem once, EOS included
 
 
-def test_sft_runs_as_a_cascade_stage_on_a_task(tmp_path):
-    config = task_config(str(tmp_path / "run"))
-    results = cascade.run(config, progress=False)
-    assert [r["stage"] for r in results] == ["root", "child"]
-    assert results[1]["params"] < results[0]["params"]
-    for r in results:
-        assert np.isfinite(r["validation_loss"])
-    # tokens seen are completion tokens: the loss-mask count of the batches the stage consumed
-    typed = runconfig.cascade_config(config)
-    batches = iter(cascade.run_datasets(typed, seed=0).train)
-    assert results[1]["tokens"] == sum(loop.counted_tokens(next(batches)) for _ in range(3))
-    stage = json.loads((tmp_path / "run" / "child" / "stage.json").read_text())
-    assert stage["objective"] == "sft"
-    train = [json.loads(line) for line in
-             (tmp_path / "run" / "child" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in train if r["split"] == "train"] == [1, 2, 3]

@@ -15,9 +15,11 @@ from cascade_jax import (
     data,
     evaluate,
     generate,
+    loop,
     model,
     objectives,
     prompts,
+    runconfig,
     sharding,
     steps,
     tasks,
@@ -239,14 +241,17 @@ def test_on_policy_samples_the_student_into_rows_and_compiles_its_sampler_once()
 
 
 def _reasoning_cascade(workdir) -> ml_collections.ConfigDict:
-    """root → seq_kd child, on_policy child; the seq_kd child → grpo, online DPO; and a
-    codistilled pair: every objective that samples or trains in a group, 4 steps each."""
+    """root → sft child (3 steps), seq_kd child, on_policy child; the seq_kd child → grpo,
+    online DPO; and a codistilled pair: every objective that samples or trains in a group,
+    4 steps each."""
     config = task_config(str(workdir))
-    child = {k: v for k, v in config.stages.child.to_dict().items() if k != "sft"}
+    sft = config.stages.child.to_dict()
+    child = {k: v for k, v in sft.items() if k != "sft"}
     posttrain = {**child, "parent": "child_seq_kd", "teacher": "child_seq_kd",
                  "init": "parent", "target": {}}
     pair = dict(group="pair", alpha=0.5, refresh_every=2, chunk_size=16)
     config.stages = dict(
+        child=sft,
         child_seq_kd={**child, "objective": "seq_kd", "steps": 4,
                       "seq_kd": dict(samples_per_prompt=2, prompts=12, keep="all",
                                      prompts_per_part=8)},
@@ -261,11 +266,24 @@ def _reasoning_cascade(workdir) -> ml_collections.ConfigDict:
         deep={**child, "objective": "codistill", "steps": 4, "codistill": pair},
         wide={**child, "objective": "codistill", "steps": 4, "codistill": pair,
               "target": dict(d_ff=32)})
-    config.stage_order = ("child_seq_kd", "child_gkd", "child_grpo", "child_dpo", "deep",
-                          "wide")
+    config.stage_order = ("child", "child_seq_kd", "child_gkd", "child_grpo", "child_dpo",
+                          "deep", "wide")
     config.checkpoint_every = 2
     config.keep_checkpoints = 2
     return config
+
+
+def _check_sft_stage(config, results, directory):
+    """`sft` as a stage: a smaller child, and the tokens it saw are completion tokens (the
+    loss-mask count of the batches it consumed)."""
+    rows = {r["stage"]: r for r in results}
+    assert rows["child"]["params"] < rows["root"]["params"]
+    assert all(np.isfinite(r["validation_loss"]) for r in results)
+    batches = iter(cascade.run_datasets(runconfig.cascade_config(config), seed=0).train)
+    assert rows["child"]["tokens"] == sum(loop.counted_tokens(next(batches)) for _ in range(3))
+    assert json.loads((directory / "stage.json").read_text())["objective"] == "sft"
+    train = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["split"] == "train"] == [1, 2, 3]
 
 
 def _stage_params(workdir, stage):
@@ -278,9 +296,11 @@ def test_sampling_stages_resume_bit_identically_after_kill_9_at_each(tmp_path):
     """Each stage killed at its step-2 save (half written, or just committed), the run restarted
     each time: the rollouts, judge and sampler keys, teacher samples and the joint group state
     all come back, so every stage ends on the uninterrupted run's params to the bit."""
-    whole = cascade.run(_reasoning_cascade(tmp_path / "whole"), progress=False)
-    assert [r["stage"] for r in whole] == ["root", "child_seq_kd", "child_gkd", "child_grpo",
-                                           "child_dpo", "deep", "wide"]
+    config = _reasoning_cascade(tmp_path / "whole")
+    whole = cascade.run(config, progress=False)
+    assert [r["stage"] for r in whole] == ["root", "child", "child_seq_kd", "child_gkd",
+                                           "child_grpo", "child_dpo", "deep", "wide"]
+    _check_sft_stage(config, whole, tmp_path / "whole" / "child")
     for r in whole:  # scores by generation joined the table
         assert {"pass@1", "well_formed", "length", "pass@1_harder"} <= set(r)
     assert "pass@1_harder" in (tmp_path / "whole" / "results.md").read_text()
@@ -298,7 +318,7 @@ def test_sampling_stages_resume_bit_identically_after_kill_9_at_each(tmp_path):
     for kill_dir, when in kills:
         assert killed_runs.run_in_subprocess(__file__, "_reasoning_cascade", (str(killed),),
                                              kill_dir, 2, when) == -signal.SIGKILL
-    assert killed_runs.run_in_subprocess(__file__, "_reasoning_cascade", (str(killed),)) == 0
+    cascade.run(_reasoning_cascade(killed), progress=False)  # the restart after the last kill
     for r in whole[1:]:
         jax.tree.map(np.testing.assert_array_equal, _stage_params(killed, r["stage"]),
                      _stage_params(tmp_path / "whole", r["stage"]))
