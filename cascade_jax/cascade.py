@@ -208,7 +208,8 @@ def stage_data(config: CascadeConfig, stage: StageConfig) -> data.DataConfig:
 def check_teacher_context(stage: StageConfig, teacher: ModelConfig) -> None:
     """A context stage whose objective learns from its teacher needs a teacher that takes its
     rows: targets beyond a teacher's context are its untrained extrapolation."""
-    if stage.context is None or not objectives.get(stage.objective).uses_teacher:
+    if stage.context is None or not objectives.trains_on_teacher(stage.objective,
+                                                                 stage.settings):
         return
     key = f"{stage.context.key}.seq_len"
     if stage.context.seq_len > teacher.max_seq_len:
@@ -557,12 +558,12 @@ def _context(run: _Run, stage: StageConfig, cfg: ModelConfig,
              child_params: model.Params | None, teacher: Trained, rng: jax.Array
              ) -> StageContext:
     """What the stage's objective builds its training from."""
-    objective = objectives.get(stage.objective)
     optimizer = steps.make_optimizer(total_steps=stage.steps, **stage.optim.optimizer_kwargs())
     datasets = run.stage_datasets(stage)  # a context stage's rows are its own length
     return StageContext(
         stage_name=stage.name, student=cfg, child_params=child_params,
-        teacher=teacher if objective.uses_teacher else None, settings=stage.settings,
+        teacher=teacher if objectives.trains_on_teacher(stage.objective, stage.settings)
+        else None, settings=stage.settings,
         mesh=run.mesh, optimizer=optimizer, rng=rng, grad_accum=stage.grad_accum,
         train_batches=lambda: iter(datasets.train),
         task=None if run.config.task is None else run.config.task.task,

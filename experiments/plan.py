@@ -119,7 +119,8 @@ def planned_steps(config: runconfig.CascadeConfig, batch_size: int, seq_len: int
         objective = objectives.get(stage.objective)
         optimizer = steps_lib.make_optimizer(total_steps=stage.steps,
                                              **stage.optim.optimizer_kwargs())
-        teacher = stage.teacher_name if objective.uses_teacher else ""
+        teacher = (stage.teacher_name if objectives.trains_on_teacher(stage.objective,
+                                                                      stage.settings) else "")
         rows, length = stage_rows(stage, batch_size, seq_len, fixed_batch)
         steps.append((stage.name, teacher, objective.step_spec(
             models[stage.name], models[teacher] if teacher else None, stage.settings,

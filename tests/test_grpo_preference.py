@@ -154,6 +154,14 @@ def test_grpo_settings_presets_overrides_and_errors():
     spec = grpo.step_spec(CFG, CFG, teacher_settings, optimizer=optimizer, batch_size=16,
                           seq_len=32, grad_accum=1)
     assert (spec.kind, spec.batch_size, spec.distill.teacher) == ("distill", 6, CFG)
+    # the teacher is handed to the step (and planned, and context-checked) only when used
+    assert not objectives.trains_on_teacher("grpo", settings)
+    assert objectives.trains_on_teacher("grpo", teacher_settings)
+    preference = objectives.get("preference")
+    assert not objectives.trains_on_teacher("preference", preference.parse_settings({}, "p"))
+    assert objectives.trains_on_teacher("preference", preference.parse_settings(
+        dict(judge="model"), "p"))
+    assert objectives.trains_on_teacher("kd", None)
     with pytest.raises(ValueError, match=r"batch_size=6 is not a multiple of group_size=4"):
         grpo.step_spec(CFG, None, grpo.parse_settings(dict(group_size=4), "g"),
                        optimizer=optimizer, batch_size=6, seq_len=32, grad_accum=1)

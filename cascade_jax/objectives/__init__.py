@@ -73,6 +73,17 @@ def _register_builtins() -> None:
     register(codistill.Codistillation())
 
 
+def trains_on_teacher(objective_name: str, settings: object) -> bool:
+    """Whether a stage's training step learns from its teacher: the objective's
+    `teacher_used(settings)` when it has one (grpo only with reward='teacher_logprob',
+    preference only with judge='model'), else its `uses_teacher`. Decides whether the
+    objective is handed the teacher, whether `experiments.plan` counts it in the step, and
+    whether a context stage's teacher must take the longer rows."""
+    objective = get(objective_name)
+    teacher_used = getattr(objective, "teacher_used", None)
+    return objective.uses_teacher if teacher_used is None else bool(teacher_used(settings))
+
+
 def group_of(objective_name: str, settings: object) -> str | None:
     """The group a stage trains in (its settings' `group` when its objective has
     `groups = True`), or None: a stage trained alone."""
@@ -84,4 +95,4 @@ def group_of(objective_name: str, settings: object) -> str | None:
 _register_builtins()
 
 __all__ = ["Built", "GroupBuilt", "Objective", "StageContext", "Trained", "get", "group_of",
-           "names", "register", "unregister"]
+           "names", "register", "trains_on_teacher", "unregister"]

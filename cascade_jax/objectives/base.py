@@ -128,9 +128,10 @@ class Objective(Protocol):
     """One stage objective. `name` is what configs write (`objective='kd'`) and the name of
     its settings block; `loss_label` says what its training `loss` measures (plots keep
     objectives with different labels on separate axes); `uses_teacher` tells the cascade
-    whether the stage's teacher must be loaded for training (it is always used to evaluate);
-    `needs_task` (optional, default False) makes a run without `config.task` fail at config
-    time instead of at the stage.
+    whether the stage's teacher may be needed for training (it is always used to evaluate),
+    and an optional `teacher_used(settings) -> bool` says whether these settings need it
+    (`objectives.trains_on_teacher`); `needs_task` (optional, default False) makes a run
+    without `config.task` fail at config time instead of at the stage.
 
     Grouped objectives (optional `groups = True`) also give their settings a `group: str`
     field, `build_group(ctxs) -> GroupBuilt` and, optionally, `check_group(stages)` (config-

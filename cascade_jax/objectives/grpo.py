@@ -340,6 +340,9 @@ class GRPO:
     uses_teacher: bool = True  # only reward='teacher_logprob' trains on it
     needs_task: bool = True
 
+    def teacher_used(self, settings: Settings) -> bool:
+        return settings.reward == "teacher_logprob"
+
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
         return parse(block, key)
 

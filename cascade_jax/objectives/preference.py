@@ -398,6 +398,9 @@ class Preference:
     uses_teacher: bool = True  # only judge='model' uses it: the judge
     needs_task: bool = False  # offline pairs need none; online sampling checks at build
 
+    def teacher_used(self, settings: Settings) -> bool:
+        return settings.judge == "model"
+
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
         return parse(block, key)
 
