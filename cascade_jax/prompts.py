@@ -210,14 +210,25 @@ def completion_rows(prompts_R: Sequence[np.ndarray], completions_RT: np.ndarray,
                     lengths_R: np.ndarray, *, seq_len: int) -> dict[str, np.ndarray]:
     """A `pair_rows`-shaped batch from prompts and their sampled completions
     (`generate.Completions`): one pair per row, the loss mask on the completion, which keeps
-    its stop token when it sampled one (and has none when it ran out of tokens)."""
-    rows = [_pair_row({"tokens": np.concatenate([p, c[:int(n)]]).astype(np.int32),
-                       LOSS_MASK: np.concatenate([np.zeros(p.size, np.int32),
-                                                  np.ones(int(n), np.int32)])},
-                      seq_len=seq_len)
-            for p, c, n in zip(prompts_R, np.asarray(completions_RT), np.asarray(lengths_R),
-                               strict=True)]
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+    its stop token when it sampled one (and has none when it ran out of tokens). Built with
+    whole-batch masks (a GRPO step turns hundreds of rollouts into rows on the host)."""
+    completions_RT, lengths_R = np.asarray(completions_RT), np.asarray(lengths_R, np.int64)
+    prompt_R = np.fromiter((p.size for p in prompts_R), np.int64, len(prompts_R))
+    end_R = prompt_R + lengths_R
+    if (end_R > seq_len).any():
+        r = int(np.argmax(end_R > seq_len))
+        raise ValueError(f"row {r}: prompt ({prompt_R[r]}) + completion ({lengths_R[r]}) "
+                         f"tokens exceed seq_len={seq_len}; lower max_new_tokens or raise "
+                         "seq_len")
+    tokens_RL = np.zeros((len(prompt_R), seq_len), np.int32)
+    for r, prompt in enumerate(prompts_R):
+        tokens_RL[r, :prompt_R[r]] = prompt
+        tokens_RL[r, prompt_R[r]:end_R[r]] = completions_RT[r, :lengths_R[r]]
+    index_L = np.arange(seq_len)
+    in_pair_RL = index_L < end_R[:, None]
+    return {"tokens": tokens_RL, "segment_ids": in_pair_RL.astype(np.int32),
+            "positions": np.where(in_pair_RL, index_L, 0).astype(np.int32),
+            LOSS_MASK: (in_pair_RL & (index_L >= prompt_R[:, None])).astype(np.int32)}
 
 
 def completion_unigram_loss(train: TokenPairs, validation: TokenPairs, vocab_size: int

@@ -288,3 +288,25 @@ def test_a_jsonl_task_block(tmp_path):
         len(p.completion) + 1 for p in held_out)  # every problem once, EOS included
 
 
+
+
+def test_completion_rows_put_each_pair_alone_in_its_row_with_the_mask_on_the_completion():
+    prompts_R = [np.array([5, 6, 7]), np.array([8]), np.array([9, 10])]
+    completions_RT = np.array([[1, 2, 3, 4], [11, 12, 0, 0], [13, 14, 15, 16]])
+    lengths_R = np.array([2, 0, 4])  # row 1 sampled nothing, row 2 used its whole budget
+    rows = prompts.completion_rows(prompts_R, completions_RT, lengths_R, seq_len=7)
+    np.testing.assert_array_equal(rows["tokens"], [[5, 6, 7, 1, 2, 0, 0], [8, 0, 0, 0, 0, 0, 0],
+                                                   [9, 10, 13, 14, 15, 16, 0]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 1, 1, 0, 0],
+                                                        [1, 0, 0, 0, 0, 0, 0],
+                                                        [1, 1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 3, 4, 0, 0],
+                                                      [0, 0, 0, 0, 0, 0, 0],
+                                                      [0, 1, 2, 3, 4, 5, 0]])
+    np.testing.assert_array_equal(rows[prompts.LOSS_MASK], [[0, 0, 0, 1, 1, 0, 0],
+                                                            [0, 0, 0, 0, 0, 0, 0],
+                                                            [0, 0, 1, 1, 1, 1, 0]])
+    assert all(v.dtype == np.int32 for v in rows.values())
+    with pytest.raises(ValueError, match=r"row 2: prompt \(2\) \+ completion \(4\) tokens "
+                                         r"exceed seq_len=5"):
+        prompts.completion_rows(prompts_R, completions_RT, lengths_R, seq_len=5)
