@@ -363,13 +363,14 @@ R, T = 8, 6
 
 def _rollouts():
     """Two groups of four rows; row 3 has no counted token; log-ratios up to ±0.6 so some
-    tokens clip on each side."""
-    logp = RNG.normal(size=(R, T)) - 2.0
-    old = logp + RNG.uniform(-0.6, 0.6, (R, T))
-    ref = logp + RNG.uniform(-0.5, 0.5, (R, T))
+    tokens clip on each side. Its own generator: the same rows whichever tests ran before."""
+    rng = np.random.default_rng(11)
+    logp = rng.normal(size=(R, T)) - 2.0
+    old = logp + rng.uniform(-0.6, 0.6, (R, T))
+    ref = logp + rng.uniform(-0.5, 0.5, (R, T))
     lengths = np.array([6, 3, 5, 0, 2, 6, 4, 1])
     w = (np.arange(T)[None] < lengths[:, None]).astype(np.float64)
-    adv = RNG.normal(size=R)
+    adv = rng.normal(size=R)
     return logp, old, ref, adv, w
 
 

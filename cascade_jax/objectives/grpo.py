@@ -41,6 +41,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +155,7 @@ class StepConfig:
     teacher: ModelConfig | None = None  # set: reward='teacher_logprob'
     teacher_reward_scale: float = 1.0
     chunk_size: int | None = 512
+    grad_accum: int = 1  # micro-batches of rows per update (one's activations live at a time)
 
 
 def _is_schedule(x: Any) -> bool:
@@ -173,69 +175,132 @@ def _advance_schedule(opt_state: Any) -> Any:
                         if _is_schedule(s) else s, opt_state, is_leaf=_is_schedule)
 
 
+def _over_micro_batches(fn: Any, k: int, batch: steps.Batch) -> Any:
+    """`fn` on each of `k` strided micro-batches of `batch` (scanned: one micro-batch's
+    activations live at a time), its [b, ...] outputs put back in the batch's row order."""
+    _, out_k = jax.lax.scan(lambda carry, micro: (carry, fn(micro)), None,
+                            steps.micro_batches(batch, k))
+    return jax.tree.map(lambda x: einops.rearrange(x, "k b ... -> (b k) ..."), out_k)
+
+
 def frozen_logprobs(scfg: StepConfig, frozen: Mapping[str, Any], batch: steps.Batch
                     ) -> tuple[jax.Array | None, jax.Array | None]:
     """(reference [B, L] or None, teacher [B, L] or None): target-aligned log-probs of the
-    frozen models, under stop_gradient."""
+    frozen models, under stop_gradient, `grad_accum` micro-batches at a time."""
     frozen = jax.lax.stop_gradient(frozen)
-    ref_BL = teacher_BL = None
-    if "reference" in frozen:
-        ref_BL = posttrain.target_logprobs(scfg.student, frozen["reference"], batch,
-                                           chunk_size=scfg.chunk_size)[0]
-    if "teacher" in frozen:
-        teacher_BL = posttrain.target_logprobs(scfg.teacher, frozen["teacher"], batch,
-                                               chunk_size=scfg.chunk_size)[0]
-    return ref_BL, teacher_BL
+    models = {"reference": scfg.student, "teacher": scfg.teacher}
+
+    def forward(micro: steps.Batch) -> dict[str, jax.Array]:
+        return {name: posttrain.target_logprobs(models[name], params, micro,
+                                                chunk_size=scfg.chunk_size)[0]
+                for name, params in frozen.items()}
+
+    out = _over_micro_batches(forward, scfg.grad_accum, batch) if frozen else {}
+    return out.get("reference"), out.get("teacher")
+
+
+def batch_terms(scfg: StepConfig, batch: steps.Batch) -> dict[str, jax.Array]:
+    """What the loss needs from the whole batch before it is split: the per-row advantages
+    ([B], group-normalised over whole groups; zeros when the teacher's log-probs are the
+    reward), the counted-token weights (equal groups left out when skipped) and their
+    aggregation coefficients, so any micro-batch's loss is its exact share of the batch's."""
+    weights_BL = lm.next_token_targets(batch)[1].astype(jnp.float32)
+    if scfg.teacher is None:
+        adv = posttrain.group_advantages(batch["reward"][:, 0], scfg.group_size,
+                                         scfg.spec.scale_by_std,
+                                         skip_equal_groups=scfg.spec.skip_equal_groups)
+        advantages_B, weights_BL = adv.advantages, weights_BL * adv.keep[:, None]
+    else:
+        advantages_B = jnp.zeros(weights_BL.shape[:1], jnp.float32)
+    coef_BL = posttrain.aggregation_weights(weights_BL, scfg.spec.aggregation,
+                                            max_len=scfg.spec.max_len,
+                                            group_size=scfg.group_size)
+    return {"advantages": advantages_B, "weights": weights_BL, "coefficients": coef_BL}
 
 
 def loss_and_metrics(scfg: StepConfig, params: Any, batch: steps.Batch,
                      old_BL: jax.Array | None, ref_BL: jax.Array | None,
-                     teacher_BL: jax.Array | None, *, first: jax.Array | bool = False
+                     teacher_BL: jax.Array | None, *, first: jax.Array | bool = False,
+                     terms: Mapping[str, jax.Array] | None = None
                      ) -> tuple[jax.Array, Any]:
-    """(loss, (policy_loss metrics, old log-probs used)) of one update.
+    """(loss, (policy_loss metrics, old log-probs used)) of one update on `batch`: the whole
+    batch's loss, or with `terms` (`batch_terms` of the whole batch, these rows' part) these
+    rows' share of it.
 
     The first update (`old_BL` None, or `first` true) takes its own forward's log-probs as
     the old ones: the trainer's numbers, never the sampler's, and a ratio of exactly 1.
     """
-    logp_BL, weights_BL = posttrain.target_logprobs(scfg.student, params, batch,
-                                                    chunk_size=scfg.chunk_size)
+    terms = batch_terms(scfg, batch) if terms is None else terms
+    logp_BL, _ = posttrain.target_logprobs(scfg.student, params, batch,
+                                           chunk_size=scfg.chunk_size)
     old_BL = logp_BL if old_BL is None else jnp.where(first, logp_BL, old_BL)
     old_BL = jax.lax.stop_gradient(old_BL)
+    weights_BL = terms["weights"]
     if teacher_BL is None:
-        adv = posttrain.group_advantages(batch["reward"][:, 0], scfg.group_size,
-                                         scfg.spec.scale_by_std,
-                                         skip_equal_groups=scfg.spec.skip_equal_groups)
-        advantages, weights_BL = adv.advantages, weights_BL * adv.keep[:, None]
+        advantages = terms["advantages"]
     else:
         advantages = scfg.teacher_reward_scale * jnp.where(weights_BL > 0,
                                                            teacher_BL - old_BL, 0.0)
     loss, metrics = posttrain.policy_loss(logp_BL, old_BL, ref_BL, advantages, weights_BL,
-                                          scfg.spec, group_size=scfg.group_size)
+                                          scfg.spec, group_size=scfg.group_size,
+                                          coefficients_BL=terms["coefficients"])
     return loss, (metrics, old_BL)
+
+
+# policy_loss metrics that are means over counted tokens: summed over micro-batches as
+# mean × count, then divided by the whole count; `loss` and `pg_loss` are already shares
+TOKEN_MEANS = ("kl", "ratio_mean", "clip_fraction_low", "clip_fraction_high", "policy_drift")
+
+
+def _micro_update(scfg: StepConfig, params: Any, micro: steps.Batch, first: jax.Array
+                  ) -> tuple[tuple[Any, steps.Metrics], jax.Array]:
+    """((gradient, metric sums), old log-probs used) of one micro-batch's share."""
+    def loss_fn(p: Any) -> tuple[jax.Array, Any]:
+        return loss_and_metrics(scfg, p, micro, micro["old_logprobs"],
+                                micro.get("ref_logprobs"), micro.get("teacher_logprobs"),
+                                first=first, terms=micro["terms"])
+
+    (loss, (metrics, used_BL)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    sums = {"loss": loss, "pg_loss": metrics["pg_loss"], "count": metrics["count"],
+            **{name: metrics[name] * metrics["count"] for name in TOKEN_MEANS}}
+    return (grads, sums), used_BL
 
 
 def train_step(scfg: StepConfig, optimizer: optax.GradientTransformation,
                state: steps.TrainState, frozen: Mapping[str, Any], batch: steps.Batch
                ) -> tuple[steps.TrainState, steps.Metrics]:
-    """μ = `spec.mu` optimizer updates on one batch of rollouts; `state.step` + 1."""
+    """μ = `spec.mu` optimizer updates on one batch of rollouts, each the gradient of the
+    whole batch's loss summed over `grad_accum` micro-batches; `state.step` + 1."""
     ref_BL, teacher_BL = frozen_logprobs(scfg, frozen, batch)
-    mu = scfg.spec.mu
+    full = dict(batch, terms=batch_terms(scfg, batch))
+    if ref_BL is not None:
+        full["ref_logprobs"] = ref_BL
+    if teacher_BL is not None:
+        full["teacher_logprobs"] = teacher_BL
 
     def update(carry: Any, u: jax.Array) -> tuple[Any, steps.Metrics]:
         state, old_BL = carry
-        loss_fn = functools.partial(loss_and_metrics, scfg, batch=batch, old_BL=old_BL,
-                                    ref_BL=ref_BL, teacher_BL=teacher_BL, first=u == 0)
-        (loss, (metrics, used_BL)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        new_state, metrics = steps.apply_grads(optimizer, state, grads,
-                                               dict(metrics, loss=loss))
+        micro = steps.micro_batches(dict(full, old_logprobs=old_BL), scfg.grad_accum)
+
+        def add(acc: Any, one: steps.Batch) -> tuple[Any, jax.Array]:
+            out, used_BL = _micro_update(scfg, state.params, one, u == 0)
+            return jax.tree.map(jnp.add, acc, out), used_BL
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(
+            lambda m: _micro_update(scfg, state.params, m, u == 0)[0], first))
+        (grads, sums), used_kBL = jax.lax.scan(add, zeros, micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        metrics = {name: sums[name] / jnp.maximum(sums["count"], 1.0) for name in TOKEN_MEANS}
+        metrics.update(loss=sums["loss"], pg_loss=sums["pg_loss"], count=sums["count"])
+        new_state, metrics = steps.apply_grads(optimizer, state, grads, metrics)
         new_state = new_state.replace(opt_state=_hold_schedule(new_state.opt_state,
                                                                state.opt_state))
-        return (new_state, used_BL), metrics
+        return (new_state, einops.rearrange(used_kBL, "k b ... -> (b k) ...")), metrics
 
     zeros_BL = jnp.zeros(batch["tokens"].shape, jnp.float32)
     (new_state, old_BL), metrics_U = jax.lax.scan(update, (state, zeros_BL),
-                                                  jnp.arange(mu, dtype=jnp.int32))
+                                                  jnp.arange(scfg.spec.mu, dtype=jnp.int32))
     new_state = new_state.replace(step=state.step + 1,
                                   opt_state=_advance_schedule(new_state.opt_state))
     return new_state, step_metrics(metrics_U, batch, old_BL, teacher_BL, scfg.group_size)
@@ -352,11 +417,8 @@ class GRPO:
         settings: Settings = ctx.settings
         where = f"stage {ctx.stage_name!r}"
         ctx.require_task('grpo')
-        if ctx.grad_accum != 1:
-            raise ValueError(f"{where}: grad_accum={ctx.grad_accum} is not supported by 'grpo' "
-                             "(its losses normalise over the whole batch of rollouts); set "
-                             "grad_accum=1 and lower prompts_per_step or group_size instead")
         n_prompts = prompts_per_step(settings, ctx.data.batch_size, where)
+        check_micro_batches(n_prompts * settings.group_size, ctx.grad_accum, where)
         teacher = None
         if settings.reward == "teacher_logprob":
             if ctx.teacher is None:
@@ -381,7 +443,7 @@ class GRPO:
             spec = dataclasses.replace(spec, max_len=sampling.max_new_tokens)  # Dr. GRPO's
         scfg = StepConfig(ctx.student, spec, settings.group_size,
                           teacher.cfg if teacher else None, settings.teacher_reward_scale,
-                          settings.chunk_size)
+                          settings.chunk_size, ctx.grad_accum)
         frozen = {}
         if settings.uses_reference:
             frozen["reference"] = rollouts.frozen_start(ctx)
@@ -438,11 +500,22 @@ class GRPO:
         from cascade_jax.distill import step as distill_step
 
         rows = prompts_per_step(settings, batch_size, "grpo") * settings.group_size
+        check_micro_batches(rows, grad_accum, "grpo")
         if settings.reward == "teacher_logprob" and teacher is not None:
             dcfg = distill_step.DistillConfig(student=student, teacher=teacher,
-                                              loss=losses.LossSpec(kind="reverse_kl"))
+                                              loss=losses.LossSpec(kind="reverse_kl"),
+                                              grad_accum=grad_accum)
             return aot.StepSpec("distill", student, rows, seq_len, optimizer, dcfg)
-        return aot.StepSpec("train", student, rows, seq_len, optimizer)
+        return aot.StepSpec("train", student, rows, seq_len, optimizer,
+                            micro_batches=grad_accum)
+
+
+def check_micro_batches(rows: int, grad_accum: int, where: str) -> None:
+    """The step's rollout rows split into `grad_accum` equal micro-batches, said at build."""
+    if rows % grad_accum:
+        raise ValueError(f"{where}: grad_accum={grad_accum} does not divide the step's "
+                         f"{rows} rollout rows (prompts_per_step × group_size); choose a "
+                         f"divisor of {rows}")
 
 
 def prompts_per_step(settings: Settings, batch_size: int, where: str) -> int:

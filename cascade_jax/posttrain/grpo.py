@@ -197,36 +197,48 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     return num / jnp.maximum(den, 1e-30)
 
 
-def aggregate(x_BL: jax.Array, weights_BL: jax.Array, aggregation: str, *,
-              max_len: int | None = None, group_size: int | None = None) -> jax.Array:
-    """The scalar that `aggregation` makes of per-token values (module docstring)."""
+def aggregation_weights(weights_BL: jax.Array, aggregation: str, *,
+                        max_len: int | None = None, group_size: int | None = None
+                        ) -> jax.Array:
+    """[B, L] coefficients c with `aggregate(x) = Σ c·x` over the counted tokens: every
+    aggregation is linear in the per-token values with weights fixed by the token counts
+    alone. Computed once for a whole batch, they make the loss a plain sum over its rows, so
+    micro-batches of any rows add up to the whole batch's loss (GRPO's `grad_accum`)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r} is not known; choose from "
                          f"{list(AGGREGATIONS)}")
-    w_BL = weights_BL.astype(jnp.float32)
-    xw_BL = jnp.where(w_BL > 0, x_BL * w_BL, 0.0)
+    w_BL = jnp.where(weights_BL > 0, weights_BL.astype(jnp.float32), 0.0)
     if aggregation == "token":
-        return _safe_div(jnp.sum(xw_BL), jnp.sum(w_BL))
+        return _safe_div(w_BL, jnp.sum(w_BL))
     if aggregation == "constant":
-        rows, length = x_BL.shape
-        return jnp.sum(xw_BL) / (rows * (max_len or length))
+        rows, length = w_BL.shape
+        return w_BL / (rows * (max_len or length))
     if aggregation == "sequence":
-        sums_B, counts_B = jnp.sum(xw_BL, axis=1), jnp.sum(w_BL, axis=1)
+        counts_B = jnp.sum(w_BL, axis=1)
     else:
         if group_size is None:
             raise ValueError("aggregation='group_token' needs group_size (samples per prompt) "
                              "to find the groups")
-        _check_group_size(x_BL.shape[0], group_size)
-        sums_B = jnp.sum(xw_BL.reshape(-1, group_size * x_BL.shape[1]), axis=1)
-        counts_B = jnp.sum(w_BL.reshape(-1, group_size * x_BL.shape[1]), axis=1)
-    present_B = (counts_B > 0).astype(jnp.float32)
-    return _safe_div(jnp.sum(_safe_div(sums_B, counts_B) * present_B), jnp.sum(present_B))
+        _check_group_size(w_BL.shape[0], group_size)
+        counts_N = jnp.sum(w_BL.reshape(-1, group_size * w_BL.shape[1]), axis=1)
+        counts_B = jnp.repeat(counts_N, group_size)
+    present = jnp.sum((counts_B > 0).astype(jnp.float32)) / (
+        1 if aggregation == "sequence" else group_size)
+    return _safe_div(w_BL, counts_B[:, None] * present)
+
+
+def aggregate(x_BL: jax.Array, weights_BL: jax.Array, aggregation: str, *,
+              max_len: int | None = None, group_size: int | None = None) -> jax.Array:
+    """The scalar that `aggregation` makes of per-token values (module docstring)."""
+    coef_BL = aggregation_weights(weights_BL, aggregation, max_len=max_len,
+                                  group_size=group_size)
+    return jnp.sum(jnp.where(coef_BL > 0, x_BL * coef_BL, 0.0))
 
 
 def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
                 ref_logprobs_BL: jax.Array | None, advantages_B: jax.Array,
-                weights_BL: jax.Array, spec: GRPOSpec, *, group_size: int | None = None
-                ) -> tuple[jax.Array, Metrics]:
+                weights_BL: jax.Array, spec: GRPOSpec, *, group_size: int | None = None,
+                coefficients_BL: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     """(loss, metrics): the clipped surrogate (+ β·k3 KL) aggregated as `spec` says.
 
     logprobs_BL: the current policy's, differentiable. old_logprobs_BL: the policy that
@@ -238,6 +250,9 @@ def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
     token (on-policy distillation's per-token reward, Thinking Machines 2025: each sampled
     token's own reverse-KL estimate). weights_BL: 1 on counted (completion) tokens, times
     `Advantages.keep` when equal groups are skipped. group_size: for 'group_token'.
+    coefficients_BL: these rows' `aggregation_weights` computed on the whole batch they
+    belong to; given, the loss and `pg_loss` are these rows' share of the whole batch's (sums
+    over micro-batches give the whole), instead of the aggregate of these rows alone.
 
     Metrics (means over counted tokens, under stop_gradient; `count` = counted tokens):
     `pg_loss` (the clipped term, aggregated like the loss), `kl` (k3 mean; 0 without a
@@ -284,9 +299,11 @@ def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
         if spec.kl_beta > 0:
             per_token_BL = pg_BL + spec.kl_beta * kl_BL
 
+    coef_BL = coefficients_BL if coefficients_BL is not None else aggregation_weights(
+        w_BL, spec.aggregation, max_len=spec.max_len, group_size=group_size)
+
     def agg(x_BL: jax.Array) -> jax.Array:
-        return aggregate(x_BL, w_BL, spec.aggregation, max_len=spec.max_len,
-                         group_size=group_size)
+        return jnp.sum(jnp.where(coef_BL > 0, x_BL * coef_BL, 0.0))
 
     loss = agg(per_token_BL)
     count = jnp.sum(w_BL)
