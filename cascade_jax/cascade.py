@@ -466,6 +466,10 @@ def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
     out = prune.prune(parent.cfg, parent.params, scores, stage.target,
                       depth_method=stage.depth_method, head_method=stage.head_method,
                       hidden_method=stage.hidden_method)
+    for name, array in out.record.arrays().items():  # PCA's rotation, for `export`'s map
+        if jax.process_index() == 0:
+            files.atomic_write(os.path.join(directory, f"prune_{name}.npy"),
+                               lambda f, array=array: np.save(f, array))
     return out.cfg, out.params, {"init": "pruned", "importance": importance_path,
                                  "record": out.record.to_dict()}
 

@@ -1299,3 +1299,43 @@ def save(cfg: ModelConfig, params: Params, path: str | os.PathLike[str], *,
             outs = vision + _text_outs(cfg, params, rename=_wrapper_name)
         _write({**hf_config, **extra}, outs, target, max_shard_bytes, overwrite)
     return target
+
+
+# ------------------------------------------------------------- the files beside the weights
+
+# Files a Hugging Face directory keeps its tokenizer (and generation defaults) in.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "tekken.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja", "generation_config.json")
+# What a Mistral 3 wrapper's image processor reads (copied beside a wrapper child).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
+# config.json keys we do not model but a child must keep to be used like its parent.
+CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def carried_config(hf_in: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parent directory's token ids a child's config.json must keep (`save`'s
+    `extra_config`); a wrapper's are read from its `text_config`."""
+    config = files.read_json(os.path.join(hf_in, CONFIG_FILE), "save_pretrained, or hf.save")
+    config = {**config, **(config.get("text_config") or {})}
+    return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
+
+
+def copy_tokenizer_files(hf_in: str | os.PathLike[str], tokenizer: str | None,
+                         hf_out: str | os.PathLike[str], processor: bool = False) -> list[str]:
+    """The parent's tokenizer files into the child; `tokenizer`'s (a directory or a
+    tokenizer.json) when the parent has no tokenizer.json; with `processor`, the parent's
+    image processor files too. Returns the names copied."""
+    parent = Path(hf_in)
+    if (parent / "tokenizer.json").is_file() or not tokenizer:
+        sources = {name: parent / name for name in TOKENIZER_FILES}
+    elif Path(tokenizer).is_dir():
+        sources = {name: Path(tokenizer) / name for name in TOKENIZER_FILES}
+    else:
+        sources = {"tokenizer.json": Path(tokenizer)}
+    if processor:
+        sources.update({name: parent / name for name in PROCESSOR_FILES})
+    copied = [name for name, source in sources.items() if source.is_file()]
+    for name in copied:
+        shutil.copyfile(sources[name], Path(hf_out) / name)
+    return copied

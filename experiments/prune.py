@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,19 +40,12 @@ from ml_collections import config_dict, config_flags
 
 from cascade_jax import data, files, hf, loop, model, prune, sharding, steps
 from cascade_jax.config import ModelConfig
+from cascade_jax.hf import carried_config, copy_tokenizer_files
 from cascade_jax.prune import importance as importance_lib
 from cascade_jax.prune import surgery
 from cascade_jax.prune.target import PRUNABLE
 from experiments.common import last_line_is_the_cause, quiet_logging
 
-# Files a Hugging Face directory keeps its tokenizer (and generation defaults) in.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "tekken.json", "vocab.json",
-                   "merges.txt", "chat_template.jinja", "generation_config.json")
-# What a Mistral 3 wrapper's image processor reads; copied with --keep_vision.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
-# config.json keys we do not model but a child must keep to be used like its parent.
-CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 RECORD_FILE = "prune_record.json"
 ROTATION_FILE = "prune_rotation.npy"
 
@@ -130,8 +122,8 @@ def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any) ->
 
 def _ours(name: str) -> bool:
     """A file a previous `experiments.prune` run writes into its output directory."""
-    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *TOKENIZER_FILES,
-                     *PROCESSOR_FILES)
+    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *hf.TOKENIZER_FILES,
+                     *hf.PROCESSOR_FILES)
             or name.endswith(".safetensors") or (name.startswith("prune_")
                                                  and name.endswith(".npy")))
 
@@ -209,32 +201,6 @@ def architecture(hf_in: str) -> str:
     wrapper's child as its text model's class)."""
     return hf.text_architecture(_hf_config(hf_in),
                                 source=os.path.join(hf_in, hf.CONFIG_FILE))
-
-
-def carried_config(hf_in: str) -> dict[str, Any]:
-    config = _hf_config(hf_in)
-    config = {**config, **(config.get("text_config") or {})}  # a Mistral 3 wrapper's are there
-    return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
-
-
-def copy_tokenizer_files(hf_in: str, tokenizer: str | None, hf_out: str,
-                         processor: bool = False) -> list[str]:
-    """The parent's tokenizer files into the child; `--tokenizer`'s when the parent has no
-    tokenizer.json; with `processor`, the parent's image processor files too. Returns the
-    names copied."""
-    parent = Path(hf_in)
-    if (parent / "tokenizer.json").is_file() or not tokenizer:
-        sources = {name: parent / name for name in TOKENIZER_FILES}
-    elif Path(tokenizer).is_dir():
-        sources = {name: Path(tokenizer) / name for name in TOKENIZER_FILES}
-    else:
-        sources = {"tokenizer.json": Path(tokenizer)}
-    if processor:
-        sources.update({name: parent / name for name in PROCESSOR_FILES})
-    copied = [name for name, source in sources.items() if source.is_file()]
-    for name in copied:
-        shutil.copyfile(sources[name], Path(hf_out) / name)
-    return copied
 
 
 def write_record(hf_out: str, record: prune.PruneRecord, extra: dict[str, Any]) -> None:
