@@ -64,3 +64,19 @@ def tree_hash():
     """`tree_hash(path)`: a digest of every name and byte under `path`. Equal before and after
     a refused call proves the refusal wrote, moved and deleted nothing."""
     return _tree_hash
+
+
+# The longest single tests (1-3 min each on 2 cores), started first: xdist hands tests out in
+# collection order, and one of these collected last (test_notebooks, test_reasoning sort late)
+# leaves the other worker idle while it finishes. None shares a module fixture with its
+# neighbours, so moving them costs no extra setup.
+LONGEST_FIRST = ("test_reasoning.py::test_sampling_stages_resume_bit_identically",
+                 "test_notebooks.py::test_notebook_runs", "test_multihost.py::")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, key in enumerate(LONGEST_FIRST) if key in item.nodeid),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: everything else keeps its order
