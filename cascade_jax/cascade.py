@@ -468,7 +468,7 @@ def _make_child(run: _Run, stage: StageConfig, stage_index: int, parent: Trained
                       hidden_method=stage.hidden_method)
     for name, array in out.record.arrays().items():  # PCA's rotation, for `export`'s map
         if jax.process_index() == 0:
-            files.atomic_write(os.path.join(directory, f"prune_{name}.npy"),
+            files.atomic_write(os.path.join(directory, out.record.array_file(name)),
                                lambda f, array=array: np.save(f, array))
     return out.cfg, out.params, {"init": "pruned", "importance": importance_path,
                                  "record": out.record.to_dict()}

@@ -44,7 +44,7 @@ def _stage_map(workdir: str, stage: str, meta: dict[str, Any]) -> np.ndarray | N
     record = meta["record"]
     rotation = None
     if record.get("rotation") is not None:
-        path = os.path.join(workdir, stage, "prune_rotation.npy")
+        path = os.path.join(workdir, stage, prune.PruneRecord.array_file("rotation"))
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing: stage {stage!r} was pruned with PCA and its "
                              "rotation is needed to map the vision projector; it is written "
@@ -82,12 +82,12 @@ def _root_directory(meta: dict[str, Any]) -> str | None:
     return root["path"] if root.get("kind") == "hf" else None
 
 
-def _text_architecture(cfg: Any, root_dir: str | None) -> str | None:
+def _text_architecture(cfg: Any, root_config: dict[str, Any] | None) -> str | None:
     """The root's class when the child is plain (Llama stays Llama); else the family the
     child's features need (`hf.default_architecture`)."""
-    if root_dir is None or hf.default_architecture(cfg) != "MistralForCausalLM":
+    if root_config is None or hf.default_architecture(cfg) != "MistralForCausalLM":
         return None
-    return hf.text_architecture(files.read_json(os.path.join(root_dir, hf.CONFIG_FILE)))
+    return hf.text_architecture(root_config)
 
 
 def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
@@ -104,8 +104,9 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
 
     meta = _metadata(workdir, stage)
     root_dir = _root_directory(meta)
-    wrapper = root_dir is not None and hf.is_wrapper(
-        files.read_json(os.path.join(root_dir, hf.CONFIG_FILE)))
+    root_config = (files.read_json(os.path.join(root_dir, hf.CONFIG_FILE))
+                   if root_dir is not None else None)
+    wrapper = root_config is not None and hf.is_wrapper(root_config)
     if vision and not wrapper:
         raise ValueError(f"vision=True needs a run whose root is a {hf.WRAPPER} directory; the "
                          f"root of {workdir} is {root_dir or 'not a Hugging Face directory'}: "
@@ -119,7 +120,7 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
                       hidden_map=hidden_map(workdir, stage))
     else:
         out = hf.save(cfg, params, path, overwrite=overwrite,
-                      architecture=_text_architecture(cfg, root_dir),
+                      architecture=_text_architecture(cfg, root_config),
                       extra_config=hf.carried_config(root_dir) if root_dir else None)
     if root_dir is not None:
         hf.copy_tokenizer_files(root_dir, None, out, processor=vision)

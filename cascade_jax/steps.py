@@ -136,20 +136,30 @@ def micro_batches(batch: Batch, k: int) -> Batch:
     return jax.tree.map(lambda x: einops.rearrange(x, "(b k) ... -> k b ...", k=k), batch)
 
 
-def sum_over_micro_batches(fn: Callable[[Batch], Any], k: int, batch: Batch) -> Any:
-    """Σ `fn(micro-batch)` over `k` strided micro-batches, scanned so one micro-batch's
-    activations live at a time; sums in float32 (at least). `k = 1` is `fn(batch)`."""
-    if k == 1:
-        return fn(batch)
+def scan_micro_batches(fn: Callable[[Batch], tuple[Any, Any]], k: int, batch: Batch
+                       ) -> tuple[Any, Any]:
+    """`fn(micro-batch) -> (summed, rows)` over `k` strided micro-batches, scanned so one
+    micro-batch's activations live at a time: (Σ `summed`, in float32 at least; `rows`, each
+    micro-batch's [B/k, ...] outputs put back in the batch's row order)."""
     micro = micro_batches(batch, k)
 
-    def add(acc: Any, micro_batch: Batch) -> tuple[Any, None]:
-        return jax.tree.map(jnp.add, acc, fn(micro_batch)), None
+    def add(acc: Any, micro_batch: Batch) -> tuple[Any, Any]:
+        summed, rows = fn(micro_batch)
+        return jax.tree.map(jnp.add, acc, summed), rows
 
     first = jax.tree.map(lambda x: x[0], micro)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
-                         jax.eval_shape(fn, first))
-    return jax.lax.scan(add, zeros, micro)[0]
+                         jax.eval_shape(fn, first)[0])
+    total, rows_k = jax.lax.scan(add, zeros, micro)
+    return total, jax.tree.map(lambda x: einops.rearrange(x, "k b ... -> (b k) ..."), rows_k)
+
+
+def sum_over_micro_batches(fn: Callable[[Batch], Any], k: int, batch: Batch) -> Any:
+    """Σ `fn(micro-batch)` over `k` strided micro-batches (`scan_micro_batches`); `k = 1` is
+    `fn(batch)`."""
+    if k == 1:
+        return fn(batch)
+    return scan_micro_batches(lambda micro_batch: (fn(micro_batch), ()), k, batch)[0]
 
 
 def accumulate_grads(loss_fn: Callable[[Any, Batch], tuple[jax.Array, Metrics]],

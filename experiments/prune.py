@@ -47,7 +47,7 @@ from cascade_jax.prune.target import PRUNABLE
 from experiments.common import last_line_is_the_cause, quiet_logging
 
 RECORD_FILE = "prune_record.json"
-ROTATION_FILE = "prune_rotation.npy"
+ROTATION_FILE = prune.PruneRecord.array_file("rotation")
 
 def define_flags() -> None:
     """The command line; defined only when run as a script, so that tests (and other mains) can
@@ -209,8 +209,7 @@ def write_record(hf_out: str, record: prune.PruneRecord, extra: dict[str, Any]) 
         json.dumps({**record.to_dict(), **extra}, indent=2, default=str) + "\n",
         encoding="utf-8")
     for name, array in record.arrays().items():
-        np.save(Path(hf_out) / (ROTATION_FILE if name == "rotation" else f"prune_{name}.npy"),
-                array)
+        np.save(Path(hf_out) / record.array_file(name), array)
 
 
 def _fmt_params(n: int) -> str:

@@ -41,7 +41,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,14 +174,6 @@ def _advance_schedule(opt_state: Any) -> Any:
                         if _is_schedule(s) else s, opt_state, is_leaf=_is_schedule)
 
 
-def _over_micro_batches(fn: Any, k: int, batch: steps.Batch) -> Any:
-    """`fn` on each of `k` strided micro-batches of `batch` (scanned: one micro-batch's
-    activations live at a time), its [b, ...] outputs put back in the batch's row order."""
-    _, out_k = jax.lax.scan(lambda carry, micro: (carry, fn(micro)), None,
-                            steps.micro_batches(batch, k))
-    return jax.tree.map(lambda x: einops.rearrange(x, "k b ... -> (b k) ..."), out_k)
-
-
 def frozen_logprobs(scfg: StepConfig, frozen: Mapping[str, Any], batch: steps.Batch
                     ) -> tuple[jax.Array | None, jax.Array | None]:
     """(reference [B, L] or None, teacher [B, L] or None): target-aligned log-probs of the
@@ -195,7 +186,8 @@ def frozen_logprobs(scfg: StepConfig, frozen: Mapping[str, Any], batch: steps.Ba
                                                 chunk_size=scfg.chunk_size)[0]
                 for name, params in frozen.items()}
 
-    out = _over_micro_batches(forward, scfg.grad_accum, batch) if frozen else {}
+    out = (steps.scan_micro_batches(lambda micro: ((), forward(micro)), scfg.grad_accum,
+                                    batch)[1] if frozen else {})
     return out.get("reference"), out.get("teacher")
 
 
@@ -280,23 +272,16 @@ def train_step(scfg: StepConfig, optimizer: optax.GradientTransformation,
 
     def update(carry: Any, u: jax.Array) -> tuple[Any, steps.Metrics]:
         state, old_BL = carry
-        micro = steps.micro_batches(dict(full, old_logprobs=old_BL), scfg.grad_accum)
-
-        def add(acc: Any, one: steps.Batch) -> tuple[Any, jax.Array]:
-            out, used_BL = _micro_update(scfg, state.params, one, u == 0)
-            return jax.tree.map(jnp.add, acc, out), used_BL
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(
-            lambda m: _micro_update(scfg, state.params, m, u == 0)[0], first))
-        (grads, sums), used_kBL = jax.lax.scan(add, zeros, micro)
+        (grads, sums), used_BL = steps.scan_micro_batches(
+            lambda micro: _micro_update(scfg, state.params, micro, u == 0), scfg.grad_accum,
+            dict(full, old_logprobs=old_BL))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         metrics = {name: sums[name] / jnp.maximum(sums["count"], 1.0) for name in TOKEN_MEANS}
         metrics.update(loss=sums["loss"], pg_loss=sums["pg_loss"], count=sums["count"])
         new_state, metrics = steps.apply_grads(optimizer, state, grads, metrics)
         new_state = new_state.replace(opt_state=_hold_schedule(new_state.opt_state,
                                                                state.opt_state))
-        return (new_state, einops.rearrange(used_kBL, "k b ... -> (b k) ...")), metrics
+        return (new_state, used_BL), metrics
 
     zeros_BL = jnp.zeros(batch["tokens"].shape, jnp.float32)
     (new_state, old_BL), metrics_U = jax.lax.scan(update, (state, zeros_BL),

@@ -230,8 +230,12 @@ def aggregation_weights(weights_BL: jax.Array, aggregation: str, *,
 def aggregate(x_BL: jax.Array, weights_BL: jax.Array, aggregation: str, *,
               max_len: int | None = None, group_size: int | None = None) -> jax.Array:
     """The scalar that `aggregation` makes of per-token values (module docstring)."""
-    coef_BL = aggregation_weights(weights_BL, aggregation, max_len=max_len,
-                                  group_size=group_size)
+    return _weighted_sum(x_BL, aggregation_weights(weights_BL, aggregation, max_len=max_len,
+                                                   group_size=group_size))
+
+
+def _weighted_sum(x_BL: jax.Array, coef_BL: jax.Array) -> jax.Array:
+    """Σ c·x over the counted tokens (uncounted positions may hold inf or NaN padding)."""
     return jnp.sum(jnp.where(coef_BL > 0, x_BL * coef_BL, 0.0))
 
 
@@ -303,7 +307,7 @@ def policy_loss(logprobs_BL: jax.Array, old_logprobs_BL: jax.Array | None,
         w_BL, spec.aggregation, max_len=spec.max_len, group_size=group_size)
 
     def agg(x_BL: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.where(coef_BL > 0, x_BL * coef_BL, 0.0))
+        return _weighted_sum(x_BL, coef_BL)
 
     loss = agg(per_token_BL)
     count = jnp.sum(w_BL)

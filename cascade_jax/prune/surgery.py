@@ -522,6 +522,12 @@ class PruneRecord:
     def arrays(self) -> dict[str, np.ndarray]:
         return {} if self.rotation is None else {"rotation": self.rotation}
 
+    @staticmethod
+    def array_file(name: str) -> str:
+        """The file an array of `arrays()` is kept in beside the record (`prune_rotation.npy`):
+        one spelling for every writer (the cascade, experiments.prune) and reader (export)."""
+        return f"prune_{name}.npy"
+
     def hidden_map(self) -> np.ndarray:
         """`hidden_map` of this prune: parent residual @ it = the child's ([D, D'])."""
         return hidden_map(int(self.parent_config["d_model"]), channels=self.channels,
