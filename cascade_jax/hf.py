@@ -46,7 +46,7 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cascade_jax import files, model, paths
+from cascade_jax import files, gguf, model, paths
 from cascade_jax.config import (
     ROPE_SCALINGS,
     Llama3RopeScaling,
@@ -597,8 +597,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dict[str,
 
 
 def read_config(path: str | os.PathLike[str]) -> ModelConfig:
-    """The `ModelConfig` of an HF directory, without reading its weights (a Mistral 3
-    wrapper's tensor names are listed, for its tying)."""
+    """The `ModelConfig` of an HF directory (or a GGUF file), without reading its weights (a
+    Mistral 3 wrapper's tensor names are listed, for its tying)."""
     path = Path(path)
     hf, source = _read_config(path)
     if _architecture(hf, source) != WRAPPER:
@@ -609,6 +609,10 @@ def read_config(path: str | os.PathLike[str]) -> ModelConfig:
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], str]:
+    """(config.json dict, its source name): a directory's file, or what a GGUF file's
+    metadata says (`gguf.hf_config`)."""
+    if gguf.is_gguf(path):
+        return gguf.hf_config(path), str(path)
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; an HF model directory needs "
@@ -781,43 +785,7 @@ class _Checkpoint:
         return self.slice(name)[:, :].astype(fp8_dtype)
 
     def validate(self, cfg: ModelConfig, shapes: Mapping[tuple[str, ...], Any]) -> None:
-        """All missing, unexpected, mis-shaped or non-float tensors, in one error."""
-        expected = {}
-        for t in _tensors(cfg):
-            for name in t.names(cfg):
-                expected[name] = t.hf_shape(_per_layer(t, shapes[t.path].shape))
-        problems = []
-        missing = [n for n in expected if n not in self.where]
-        if missing:
-            problems.append(f"missing tensors {_few(missing)} (looked in "
-                            f"{sorted({f.name for f in self.handles})}; the download or export "
-                            "is incomplete, or config.json describes a different model)")
-        ignorable = {_HEAD} if cfg.tie_embeddings else set()
-        unexpected = [n for n in self.where if n not in expected and n not in ignorable
-                      and not n.endswith(_IGNORABLE_SUFFIXES)]
-        if unexpected:
-            hint = (f"FP8 scales, but {CONFIG_FILE} has no quantization_config 'fp8'"
-                    if any(n.endswith(_SCALE_SUFFIX) for n in unexpected)
-                    else f"biases or layers beyond num_hidden_layers={cfg.n_layers}?")
-            problems.append(f"unexpected tensors {_few(unexpected)} ({hint})")
-        for name, shape in expected.items():
-            if name not in self.where:
-                continue
-            found = self.meta(name)
-            if tuple(found.get_shape()) != shape:
-                problems.append(f"{name} in {self.where[name].name} has shape "
-                                f"{tuple(found.get_shape())}, config.json implies {shape} "
-                                "(config.json and the weights disagree)")
-            elif found.get_dtype() == _FP8_DTYPE:
-                problems += self._fp8_problems(name, shape)
-            elif found.get_dtype() not in _FILE_DTYPES:
-                problems.append(f"{name} has dtype {found.get_dtype()}; only float and FP8 "
-                                "(float8_e4m3fn) weights are read: dequantize the checkpoint "
-                                "first")
-        if problems:
-            raise ValueError(f"{self.path} does not match its {CONFIG_FILE}: "
-                             + "; ".join(problems) + ". Fix config.json, or re-download / "
-                             "re-export the model (hf.save writes both from one ModelConfig).")
+        validate_tensors(self, cfg, shapes)
 
     def _fp8_problems(self, name: str, shape: tuple[int, ...]) -> list[str]:
         """Why an FP8 weight cannot be dequantized, if it cannot (its scale, its shape)."""
@@ -843,6 +811,48 @@ class _Checkpoint:
         """The param dtype a tensor implies (float64 and others read as float32)."""
         found = _FILE_DTYPES.get(self.meta(name).get_dtype(), "float32")
         return found if found != "float64" else "float32"
+
+
+def validate_tensors(ckpt: Any, cfg: ModelConfig, shapes: Mapping[tuple[str, ...], Any]
+                     ) -> None:
+    """All missing, unexpected, mis-shaped or non-float tensors of a checkpoint (`_Checkpoint`
+    or `gguf.Tensors`: `where`, `meta`, `path`), in one error."""
+    expected = {}
+    for t in _tensors(cfg):
+        for name in t.names(cfg):
+            expected[name] = t.hf_shape(_per_layer(t, shapes[t.path].shape))
+    problems = []
+    missing = [n for n in expected if n not in ckpt.where]
+    if missing:
+        problems.append(f"missing tensors {_few(missing)} (looked in "
+                        f"{sorted({f.name for f in ckpt.handles})}; the download or export "
+                        "is incomplete, or config.json describes a different model)")
+    ignorable = {_HEAD} if cfg.tie_embeddings else set()
+    unexpected = [n for n in ckpt.where if n not in expected and n not in ignorable
+                  and not n.endswith(_IGNORABLE_SUFFIXES)]
+    if unexpected:
+        hint = (f"FP8 scales, but {CONFIG_FILE} has no quantization_config 'fp8'"
+                if any(n.endswith(_SCALE_SUFFIX) for n in unexpected)
+                else f"biases or layers beyond num_hidden_layers={cfg.n_layers}?")
+        problems.append(f"unexpected tensors {_few(unexpected)} ({hint})")
+    for name, shape in expected.items():
+        if name not in ckpt.where:
+            continue
+        found = ckpt.meta(name)
+        if tuple(found.get_shape()) != shape:
+            problems.append(f"{name} in {ckpt.where[name].name} has shape "
+                            f"{tuple(found.get_shape())}, config.json implies {shape} "
+                            "(config.json and the weights disagree)")
+        elif found.get_dtype() == _FP8_DTYPE:
+            problems += ckpt._fp8_problems(name, shape)
+        elif found.get_dtype() not in _FILE_DTYPES:
+            problems.append(f"{name} has dtype {found.get_dtype()}; only float and FP8 "
+                            "(float8_e4m3fn) weights are read: dequantize the checkpoint "
+                            "first")
+    if problems:
+        raise ValueError(f"{ckpt.path} does not match its {CONFIG_FILE}: "
+                         + "; ".join(problems) + ". Fix config.json, or re-download / "
+                         "re-export the model (hf.save writes both from one ModelConfig).")
 
 
 def _safe_open(file: Path) -> Any:
@@ -941,8 +951,9 @@ def _flat_shardings(shardings: Any, shapes: Mapping[str, Any]) -> dict[str, Any]
 
 def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
          shardings: Any = None) -> tuple[ModelConfig, Params]:
-    """Read an HF directory (`ARCHITECTURES`, or a Mistral 3 wrapper's text model) into
-    `(cfg, params)`, tensor by tensor.
+    """Read an HF directory (`ARCHITECTURES`, or a Mistral 3 wrapper's text model), or a
+    `.gguf` file of one of `gguf.ARCHITECTURES` (dequantized), into `(cfg, params)`, tensor
+    by tensor.
 
     `dtype` casts the weights (and `cfg.param_dtype`), e.g. "float32" for parity checks; FP8
     weights are dequantized to it (default: the config's dtype). `shardings`: an optional
@@ -954,7 +965,8 @@ def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
     hf_config, source = _read_config(path)
     wrapper = _architecture(hf_config, source) == WRAPPER
     with contextlib.ExitStack() as stack:
-        ckpt = _Checkpoint(path, stack, wrapper=wrapper, fp8=_fp8_scheme(hf_config, source))
+        ckpt = (gguf.Tensors(path, hf_config) if gguf.is_gguf(path) else
+                _Checkpoint(path, stack, wrapper=wrapper, fp8=_fp8_scheme(hf_config, source)))
         cfg = config_from_hf(hf_config, source=source,
                              tie_embeddings=(_HEAD not in ckpt.where) if wrapper else None)
         if _configured_dtype(hf_config, source) is None and _TENSORS[0].name() in ckpt.where:
