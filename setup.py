@@ -40,6 +40,7 @@ setup(
             "ruff>=0.17",
             "torch>=2.13.0",
             "transformers>=5.23.0",
+            "accelerate>=1.0",  # transformers' GGUF loader (the reference in test_gguf)
             "nbclient>=0.11",
             "nbformat>=5.11",
             "ipykernel>=7.4",

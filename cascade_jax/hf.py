@@ -1325,20 +1325,28 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_te
 CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def config_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config.json dict of an HF directory, or the one a GGUF file's metadata implies."""
+    return _read_config(Path(path))[0]
+
+
 def carried_config(hf_in: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parent directory's token ids a child's config.json must keep (`save`'s
-    `extra_config`); a wrapper's are read from its `text_config`."""
-    config = files.read_json(os.path.join(hf_in, CONFIG_FILE), "save_pretrained, or hf.save")
+    """The parent directory's (or GGUF file's) token ids a child's config.json must keep
+    (`save`'s `extra_config`); a wrapper's are read from its `text_config`."""
+    config = config_dict(hf_in)
     config = {**config, **(config.get("text_config") or {})}
     return {k: config[k] for k in CARRIED_CONFIG_KEYS if config.get(k) is not None}
 
 
 def copy_tokenizer_files(hf_in: str | os.PathLike[str], tokenizer: str | None,
                          hf_out: str | os.PathLike[str], processor: bool = False) -> list[str]:
-    """The parent's tokenizer files into the child; `tokenizer`'s (a directory or a
+    """The parent's tokenizer files into the child (a GGUF parent's: tokenizer.json and
+    tokenizer_config.json rebuilt from its metadata); `tokenizer`'s (a directory or a
     tokenizer.json) when the parent has no tokenizer.json; with `processor`, the parent's
     image processor files too. Returns the names copied."""
     parent = Path(hf_in)
+    if gguf.is_gguf(parent) and not tokenizer:  # the tokenizer lives in its metadata
+        return gguf.write_tokenizer_files(parent, hf_out)
     if (parent / "tokenizer.json").is_file() or not tokenizer:
         sources = {name: parent / name for name in TOKENIZER_FILES}
     elif Path(tokenizer).is_dir():

@@ -134,6 +134,40 @@ def _data(block: Any, key: str = "config.data") -> DataConfig:
     return DataConfig(**values, key=key)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """What the results table adds for every model (the typed `config.report` block).
+
+    kl_to: a model name ('root') whose forward KL and top-1 agreement every model gets, on
+      the validation split and every `data.eval_sources` domain ('' = only the stage's own
+      teacher, on the validation split).
+    prompts: texts whose greedy continuations (`max_new_tokens` each) go into
+      continuations.md: the same prompts for every model, to read beside the numbers.
+    """
+
+    kl_to: str = ""
+    prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 32
+    key: str = dataclasses.field(default="config.report", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        validate.string(_key(k, "kl_to"), self.kl_to)
+        if isinstance(self.prompts, str) or not all(
+                isinstance(p, str) and p for p in self.prompts):
+            raise ValueError(f"{_key(k, 'prompts')}={self.prompts!r} must be a list of "
+                             "non-empty texts, or empty")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        validate.positive_int(_key(k, "max_new_tokens"), self.max_new_tokens)
+
+
+def _report(block: Any, key: str = "config.report") -> ReportConfig:
+    values = as_dict(block, key)
+    validate.known_keys(key, values, [f.name for f in dataclasses.fields(ReportConfig)
+                                      if f.name != "key"])
+    return ReportConfig(**values, key=key)
+
+
 def _task(block: Any, key: str = "config.task") -> TaskConfig | None:
     """The run's task, or None (an absent or empty block: the run trains on `config.data`)."""
     values = as_dict(block, key)
@@ -387,8 +421,8 @@ def train_run_config(config: Any) -> TrainRunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RootConfig:
-    """The cascade's root: trained from scratch ('scratch'), or read from Hugging Face ('hf')
-    or cascade_jax Orbax ('orbax') files at `path`. For a loaded root, `model` only describes
+    """The cascade's root: trained from scratch ('scratch'), or read from Hugging Face ('hf':
+    a directory, or a .gguf file) or cascade_jax Orbax ('orbax') files at `path`. For a loaded root, `model` only describes
     it (for `experiments.plan`) and says how to run it (`RUNTIME_FIELDS`)."""
 
     kind: str
@@ -421,7 +455,10 @@ class RootConfig:
         if not self.path:
             raise ValueError(f"{_key(self.key, 'path')} is empty; kind={self.kind!r} reads the "
                              f"root from that directory: set --{_key(self.key, 'path')}=<dir>")
-        if not os.path.isdir(self.path):
+        if self.kind == "hf" and self.path.endswith(".gguf"):
+            if not os.path.isfile(self.path):
+                raise ValueError(f"{_key(self.key, 'path')}={self.path!r} is not a file")
+        elif not os.path.isdir(self.path):
             raise ValueError(f"{_key(self.key, 'path')}={self.path!r} is not a directory")
         return self.path
 
@@ -585,6 +622,7 @@ class CascadeConfig:
     stages: tuple[StageConfig, ...]
     cadence: Cadence
     task: TaskConfig | None = None
+    report: ReportConfig = ReportConfig()
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -610,6 +648,9 @@ class CascadeConfig:
                                  f"one of {earlier}, nor an existing checkpoint directory")
             earlier.append(stage.name)
         check_groups(self.stages)
+        if self.report.kl_to not in ("", *earlier):
+            raise ValueError(f"{self.report.key}.kl_to={self.report.kl_to!r} is not 'root' or "
+                             f"a stage: choose from {earlier}, or '' for none")
 
     def stage(self, name: str) -> StageConfig:
         return {s.name: s for s in self.stages}[name]
@@ -660,7 +701,8 @@ def check_groups(stages: tuple[StageConfig, ...]) -> None:
             check(members)
 
 
-_CASCADE_FIELDS = ("workdir", "seed", "root", "data", "task", "mesh", "stage_order", "stages",
+_CASCADE_FIELDS = ("workdir", "seed", "root", "data", "task", "report", "mesh", "stage_order",
+                   "stages",
                    *_CADENCE_FIELDS)
 
 
@@ -677,6 +719,7 @@ def cascade_config(config: Any) -> CascadeConfig:
     return CascadeConfig(
         workdir=values.get("workdir", ""), seed=values.get("seed", 0),
         root=_root(values.get("root")), data=_data(values.get("data")),
-        task=_task(values.get("task")), mesh=_mesh(values.get("mesh")),
+        task=_task(values.get("task")), report=_report(values.get("report")),
+        mesh=_mesh(values.get("mesh")),
         stages=tuple(stage_config(name, stages_block[name]) for name in order),
         cadence=_cadence(values), raw=values)
