@@ -422,8 +422,9 @@ def train_run_config(config: Any) -> TrainRunConfig:
 @dataclasses.dataclass(frozen=True)
 class RootConfig:
     """The cascade's root: trained from scratch ('scratch'), or read from Hugging Face ('hf':
-    a directory, or a .gguf file) or cascade_jax Orbax ('orbax') files at `path`. For a loaded root, `model` only describes
-    it (for `experiments.plan`) and says how to run it (`RUNTIME_FIELDS`)."""
+    a directory, or a .gguf file) or cascade_jax Orbax ('orbax') files at `path`. For a loaded
+    root, `model` only describes it (for `experiments.plan`) and says how to run it
+    (`RUNTIME_FIELDS`)."""
 
     kind: str
     path: str = ""

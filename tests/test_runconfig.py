@@ -156,3 +156,22 @@ def test_objectives_registry_names_what_exists():
         objectives.get("nope")
     with pytest.raises(ValueError, match="already registered"):
         objectives.register(type("Other", (), {"name": "kd"})())
+
+
+def test_spread_over_seeds_against_a_hand_count():
+    from cascade_jax import spread
+
+    runs = {0: [{"stage": "root", "perplexity": 10.0, "params": 5, "wall_s": 1.0},
+                {"stage": "child", "perplexity": 20.0, "pass@1": 0.5, "baseline": False}],
+            1: [{"stage": "root", "perplexity": 12.0, "params": 5, "wall_s": 2.0},
+                {"stage": "child", "perplexity": 26.0, "pass@1": float("nan")}],
+            2: [{"stage": "root", "perplexity": 11.0, "params": 5, "wall_s": 3.0},
+                {"stage": "child", "perplexity": 23.0, "pass@1": 0.7}]}
+    rows = {r["stage"]: r for r in spread.spread(runs)}
+    assert spread.figures(runs[0]) == ["perplexity", "pass@1"]  # descriptions left out
+    assert rows["root"]["perplexity"] == {"mean": 11.0, "min": 10.0, "max": 12.0, "n": 3}
+    assert rows["child"]["pass@1"]["n"] == 2 and abs(rows["child"]["pass@1"]["mean"] - 0.6) < 1e-12
+    assert spread.separated(rows["root"]["perplexity"], rows["child"]["perplexity"])
+    assert not spread.separated(rows["root"]["perplexity"], {"min": 11.5, "max": 30.0})
+    table = spread.spread_markdown(runs)
+    assert "| child | 23.000 [20.000–26.000] | 0.600 [0.500–0.700] |" in table
