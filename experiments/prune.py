@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import data, files, hf, loop, model, prune, sharding, steps
+from cascade_jax import data, hf, loop, model, prune, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.hf import carried_config, copy_tokenizer_files
 from cascade_jax.prune import importance as importance_lib
@@ -192,15 +192,16 @@ def calibration_loss(cfg: ModelConfig, params: model.Params, batches: Sequence[A
 
 
 def _hf_config(hf_in: str) -> dict[str, Any]:
-    """The parent's config.json as a dict; a damaged one is an error naming it."""
-    return files.read_json(os.path.join(hf_in, hf.CONFIG_FILE), "save_pretrained, or hf.save")
+    """The parent's config.json as a dict (a GGUF parent's: what its metadata implies); a
+    damaged one is an error naming it."""
+    return hf.config_dict(hf_in)
 
 
 def architecture(hf_in: str) -> str:
     """The parent's architecture name, so the child loads as the same class (a Mistral 3
     wrapper's child as its text model's class)."""
-    return hf.text_architecture(_hf_config(hf_in),
-                                source=os.path.join(hf_in, hf.CONFIG_FILE))
+    source = hf_in if hf_in.endswith(".gguf") else os.path.join(hf_in, hf.CONFIG_FILE)
+    return hf.text_architecture(_hf_config(hf_in), source=source)
 
 
 def write_record(hf_out: str, record: prune.PruneRecord, extra: dict[str, Any]) -> None:

