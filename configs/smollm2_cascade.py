@@ -25,9 +25,9 @@ prompts (continuations.md).
     python -m experiments.cascade --config configs/smollm2_cascade.py
     python -m experiments.cascade --config configs/smollm2_cascade.py:quick   # CI: 2 steps
 
-`:quick` runs child_width, child_depth_ce and grandchild for 2 steps on short rows: both prunes,
-both objectives and a second generation on the real weights, not the figures (the README's
-come from the full run).
+`:quick` runs child_depth and a width-pruned grandchild of it for 2 steps each on short rows:
+both kinds of prune, distillation and a second generation on the real weights, not the
+figures (the README's come from the full run).
 """
 
 import ml_collections
@@ -93,10 +93,9 @@ def get_config(mode: str = "") -> ml_collections.ConfigDict:
         "child_random_ce": random_width,
         "grandchild": _stage(parent=GRANDCHILD_PARENT, target=GRANDCHILD[GRANDCHILD_PARENT]),
     }
-    if quick:  # each objective, both prunes and a second generation, on the real weights
-        stages = {name: stages[name] for name in ("child_width", "child_depth_ce",
-                                                  "grandchild")}
-        stages["grandchild"]["parent"] = "child_width"
+    if quick:  # a depth prune, then a width prune of the child, both distilled: the plumbing
+        stages = {"child_depth": stages["child_depth"], "grandchild": stages["grandchild"]}
+        stages["grandchild"]["parent"] = "child_depth"
         stages["grandchild"]["target"] = GRANDCHILD["child_width"]
         for stage in stages.values():
             stage.update(steps=2, calib_batches=1, optim={**stage["optim"], "warmup_steps": 1})

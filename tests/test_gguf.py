@@ -245,3 +245,22 @@ def test_unknown_architecture_is_refused_by_name(tmp_path):
 def test_a_missing_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothere\.gguf does not exist"):
         hf.read_config(tmp_path / "nothere.gguf")
+
+
+def test_load_onto_a_mesh_places_each_shard_with_the_same_values(written):
+    """A sharded load (fsdp × tensor over the virtual devices) reads each device's block of
+    the dequantized tensors: the same values as the plain load, in the asked sharding."""
+    from cascade_jax import paths, sharding
+
+    _, _, path, _ = written
+    cfg, plain = hf.load(path)
+    tensor = min(2, cfg.n_kv_heads)  # the Qwen3 case has one KV head
+    mesh = sharding.make_mesh(data=-1, fsdp=2, tensor=tensor)
+    shardings = sharding.param_shardings(cfg, mesh)
+    _, placed = hf.load(path, shardings=shardings)
+    flat_plain, flat_placed = paths.flatten(plain), paths.flatten(placed)
+    flat_shardings = paths.flatten(shardings)
+    for name, value in flat_placed.items():
+        assert value.sharding == flat_shardings[name], name
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_plain[name]))
+    assert max(value.sharding.num_devices for value in flat_placed.values()) > 1

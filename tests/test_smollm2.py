@@ -107,11 +107,12 @@ def quick_run(smollm2, tmp_path_factory):
     return config, cascade.run(config, progress=False)
 
 
-def test_quick_cascade_runs_every_objective_on_the_real_weights(quick_run):
+def test_quick_cascade_prunes_and_distills_the_real_weights(quick_run):
     config, rows = quick_run
     by_stage = {r["stage"]: r for r in rows}
-    assert list(by_stage) == ["root", "child_width", "child_depth_ce", "grandchild"]
-    assert by_stage["child_width"]["params"] < 0.51 * by_stage["root"]["params"]
+    assert list(by_stage) == ["root", "child_depth", "grandchild"]
+    assert by_stage["child_depth"]["params"] < 0.51 * by_stage["root"]["params"]
+    assert by_stage["grandchild"]["params"] < 0.6 * by_stage["child_depth"]["params"]
     for row in rows[1:]:
         assert row["tokens"] == 2 * 2 * 64  # steps × rows × seq_len, the same for every stage
         for column in ("perplexity", "shakespeare_perplexity", "kl_to_root",
