@@ -95,10 +95,11 @@ def _legacy_identity(directory: str) -> dict[str, Any] | None:
     return rundir.identity(files.read_json(path)) if os.path.exists(path) else None
 
 
-def _restore_params(directory: str, cfg: ModelConfig, mesh: Mesh) -> model.Params:
+def _restore_params(directory: str, cfg: ModelConfig, mesh: Mesh,
+                    step: int | None = None) -> model.Params:
     target = steps.abstract_like(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
     with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
-        return ckpt.restore({"params": target}, partial=True).state["params"]
+        return ckpt.restore({"params": target}, step=step, partial=True).state["params"]
 
 
 def checkpoint_model_config(directory: str) -> ModelConfig:
@@ -111,11 +112,12 @@ def checkpoint_model_config(directory: str) -> ModelConfig:
     return ModelConfig.from_dict(metadata["model"])
 
 
-def load_checkpoint_model(directory: str, mesh: Mesh) -> tuple[ModelConfig, model.Params]:
-    """(config, params) of the latest step in an Orbax checkpoint directory written by
-    cascade_jax (its metadata holds the model config)."""
+def load_checkpoint_model(directory: str, mesh: Mesh, step: int | None = None
+                          ) -> tuple[ModelConfig, model.Params]:
+    """(config, params) of `step` (default the latest) in an Orbax checkpoint directory
+    written by cascade_jax (its metadata holds the model config)."""
     cfg = checkpoint_model_config(directory)
-    return cfg, _restore_params(directory, cfg, mesh)
+    return cfg, _restore_params(directory, cfg, mesh, step)
 
 
 # ---------------------------------------------------------------------- sizing, before work

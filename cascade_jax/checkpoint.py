@@ -485,12 +485,12 @@ def read_metadata(directory: epath.PathLike, step: int | None = None) -> dict[st
         return ckpt.read_metadata(step)
 
 
-def fingerprint(directory: epath.PathLike) -> str:
-    """A short identity of the latest complete step's contents (its step number and the
-    checksums of every leaf, computed when it was saved): what a later stage records of the
-    parent it consumed, to notice when that parent changed underneath it."""
+def fingerprint(directory: epath.PathLike, step: int | None = None) -> str:
+    """A short identity of a complete step's contents (default the latest; its step number
+    and the checksums of every leaf, computed when it was saved): what a later stage records
+    of the parent it consumed, to notice when that parent changed underneath it."""
     with Checkpointer(directory, read_only=True) as ckpt:
-        step = ckpt.latest_step()
+        step = ckpt.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{directory} holds no complete checkpoint to fingerprint")
         sums = ckpt.read_checksums(step)

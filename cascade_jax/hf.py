@@ -1313,6 +1313,12 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_te
 CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def is_saved_file(name: str) -> bool:
+    """A file name `save` and `copy_tokenizer_files` write into a model directory."""
+    return (name in (CONFIG_FILE, INDEX_FILE, *TOKENIZER_FILES, *PROCESSOR_FILES)
+            or name.endswith(".safetensors"))
+
+
 def carried_config(hf_in: str | os.PathLike[str]) -> dict[str, Any]:
     """The parent directory's token ids a child's config.json must keep (`save`'s
     `extra_config`); a wrapper's are read from its `text_config`."""

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from cascade_jax import files
@@ -97,6 +98,48 @@ def mark_stage(directory: str, *, run: str, stage: str) -> None:
     path = os.path.join(directory, OWNER_FILE)
     if not os.path.exists(path):
         files.write_json(path, {"tool": "cascade_stage", "run": run, "stage": stage})
+
+
+def _owning_run(path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(directory, owner record) of the nearest run directory that is or holds `path`."""
+    for directory in (path, *path.parents):
+        if (directory / OWNER_FILE).is_file():
+            return directory, read_owner(str(directory)) or {}
+    return None
+
+
+def check_output(path: str | os.PathLike[str], *, flag: str, tool: str, marker: str,
+                 ours: Callable[[str], bool], overwrite: bool,
+                 protected: Mapping[str, str] | None = None) -> None:
+    """An output directory a tool may write (or, with `overwrite`, replace): new or empty, or
+    a previous output of this tool (it holds `marker` and only names `ours` accepts). Never
+    a `protected` path (`{path: what it is}`), a directory holding or inside one, nor a
+    directory inside a run (an `owner.json` at or above it). Refusals name the path and
+    what owns it; they write nothing."""
+    out = Path(path).resolve()
+    for other, what in (protected or {}).items():
+        held = Path(other).resolve()
+        if out == held or held in out.parents or out in held.parents:
+            raise WorkdirError(f"{flag}={path} is, holds or lies inside {what} ({other}); "
+                               f"{tool} never writes over it: choose a directory outside it")
+    owning = _owning_run(out)
+    if owning is not None:
+        raise WorkdirError(f"{flag}={path} is or lies inside {owning[0]}, which holds "
+                           f"{_describe(owning[1])}; {tool} never writes into a run: choose a "
+                           "directory outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{flag}={path} is a file; choose a directory path")
+    if not overwrite:
+        raise FileExistsError(f"{flag}={path} exists and is not empty; pass --overwrite to "
+                              f"replace a previous {tool} output, or choose a new directory")
+    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    if not (out / marker).exists() or foreign:
+        why = (f"it holds files this tool never writes ({', '.join(foreign[:5])})" if foreign
+               else f"it has no {marker}, so it is not an {tool} output")
+        raise FileExistsError(f"--overwrite refuses {flag}={path}: {why}; choose a new "
+                              "directory or empty it yourself")
 
 
 def _alive(pid: int) -> bool:

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import data, files, hf, loop, model, prune, sharding, steps
+from cascade_jax import data, files, hf, loop, model, prune, rundir, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.hf import carried_config, copy_tokenizer_files
 from cascade_jax.prune import importance as importance_lib
@@ -122,35 +122,17 @@ def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any) ->
 
 def _ours(name: str) -> bool:
     """A file a previous `experiments.prune` run writes into its output directory."""
-    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *hf.TOKENIZER_FILES,
-                     *hf.PROCESSOR_FILES)
-            or name.endswith(".safetensors") or (name.startswith("prune_")
-                                                 and name.endswith(".npy")))
+    return (hf.is_saved_file(name) or name == RECORD_FILE
+            or (name.startswith("prune_") and name.endswith(".npy")))
 
 
 def check_output(path: str, overwrite: bool, hf_in: str) -> None:
     """`--hf_out` must be new or empty; `--overwrite` replaces only a previous output of this
     tool (it has `prune_record.json` and nothing but the files we write), never the parent, a
-    directory holding the parent, or anything else."""
-    out, parent = Path(path).resolve(), Path(hf_in).resolve()
-    if out == parent or out in parent.parents or parent in out.parents:
-        raise ValueError(f"--hf_out={path} is, holds or lies inside the parent's directory "
-                         f"--hf_in={hf_in}; a child never overwrites its parent: choose a "
-                         "directory outside it")
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"--hf_out={path} is a file; choose a directory path")
-    if not overwrite:
-        raise FileExistsError(f"--hf_out={path} exists and is not empty; pass --overwrite to "
-                              "replace a previous experiments.prune output, or choose a new "
-                              "directory")
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
-    if not (out / RECORD_FILE).exists() or foreign:
-        why = (f"it holds files this tool never writes ({', '.join(foreign[:5])})" if foreign
-               else f"it has no {RECORD_FILE}, so it is not an experiments.prune output")
-        raise FileExistsError(f"--overwrite refuses --hf_out={path}: {why}; choose a new "
-                              "directory or empty it yourself")
+    directory holding the parent, a run directory, or anything else."""
+    rundir.check_output(path, flag="--hf_out", tool="experiments.prune", marker=RECORD_FILE,
+                        ours=_ours, overwrite=overwrite,
+                        protected={hf_in: "the parent's directory --hf_in"})
 
 
 # ------------------------------------------------------------------------- calibration
