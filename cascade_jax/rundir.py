@@ -163,26 +163,57 @@ def _take(path: str) -> bool:
     return True
 
 
+# How long a lock file may stay unreadable before it is refused: `_take` writes its few bytes
+# right after creating it, so only a file no lock of ours will ever finish stays torn longer.
+_TORN_S = 2.0
+
+
+def _holder(path: str) -> dict[str, Any]:
+    """The lock's {"pid", "host", "since"}; an error naming `path` when it is no lock this
+    module wrote (a directory, unreadable, empty, another format)."""
+    try:
+        holder = files.read_json(path, "rundir.lock")
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} is not a readable cascade_jax lock ({e}); if no run is "
+                           f"using {os.path.dirname(path)}, delete {path} and rerun") from e
+    if not (isinstance(holder, dict) and isinstance(holder.get("pid"), int)
+            and not isinstance(holder.get("pid"), bool) and isinstance(holder.get("host"), str)
+            and isinstance(holder.get("since", 0), int | float)):
+        raise WorkdirError(f"{path} is not a cascade_jax lock (it holds {str(holder)[:80]!r}, "
+                           'not {"pid": <int>, "host": <str>, "since": <time>}); if no run is '
+                           f"using {os.path.dirname(path)}, delete {path} and rerun")
+    return holder
+
+
 @contextlib.contextmanager
 def lock(directory: str, *, enabled: bool = True) -> Iterator[None]:
     """Hold `directory/.lock` for the duration: a second process is refused with the owner's
     pid and host; a lock whose process is gone (same host, pid not alive: a kill -9) is taken
-    over. `enabled=False` (non-zero processes of one job) does nothing."""
+    over; a lock file that is not one (a directory, unreadable, empty or of another format,
+    after `_TORN_S` seconds to finish being written) is refused naming it, never waited on.
+    `enabled=False` (non-zero processes of one job) does nothing."""
     if not enabled:
         yield
         return
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_FILE)
+    torn_since = None
     while not _take(path):
+        if os.path.isdir(path):
+            raise WorkdirError(f"{path} is a directory, so it is not a cascade_jax lock: "
+                               "remove it and rerun")
         try:
-            holder = files.read_json(path)
-        except (OSError, ValueError):
-            holder = {}  # being written this instant, or torn: look again
-            time.sleep(0.05)
-            if os.path.exists(path):
-                continue
-        host, pid = holder.get("host"), holder.get("pid")
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            holder = _holder(path)
+        except WorkdirError:
+            if not os.path.lexists(path):
+                continue  # released this instant: take it
+            torn_since = time.monotonic() if torn_since is None else torn_since
+            if time.monotonic() - torn_since > _TORN_S:
+                raise
+            time.sleep(0.05)  # being written this instant: look again
+            continue
+        host, pid = holder["host"], holder["pid"]
+        if host == socket.gethostname() and not _alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale: its process is gone
             continue

@@ -290,3 +290,27 @@ def test_a_nan_run_never_checkpoints_a_non_finite_state(corpus_dir, tmp_path):
         params = checkpoint.restore(ckpt_dir, {"params": target}, step=step,
                                     partial=True).state["params"]
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"is not a readable cascade_jax lock \(.*is not valid JSON"),
+    ("pid 12", r"is not a readable cascade_jax lock"),
+    ('{"pid": "12", "host": "h"}', r"is not a cascade_jax lock \(it holds"),
+    ("[1, 2]", r"is not a cascade_jax lock \(it holds"),
+    (None, r"is a directory, so it is not a cascade_jax lock: remove it"),
+])
+def test_a_lock_file_that_is_no_lock_is_refused_naming_it_never_waited_on(
+        tmp_path, tree_hash, monkeypatch, content, message):
+    monkeypatch.setattr(rundir, "_TORN_S", 0.2)  # how long a torn lock may take to finish
+    lock = tmp_path / rundir.LOCK_FILE
+    if content is None:
+        lock.mkdir()
+    else:
+        lock.write_text(content)
+    before = tree_hash(tmp_path)
+    start = time.monotonic()
+    with (pytest.raises(rundir.WorkdirError, match=rf"{lock} {message}"),
+          rundir.lock(str(tmp_path))):
+        pass
+    assert time.monotonic() - start < 10
+    assert tree_hash(tmp_path) == before
