@@ -934,6 +934,9 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
     datasets = run_datasets(config, seed=config.seed)
     train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(),
                       "config.root.model" if config.root.kind == "scratch" else config.root.path)
+    for stage in config.stages:  # every JSONL a stage names, before the root trains
+        objectives.check_files(stage.objective, stage.settings, datasets.tokenizer,
+                               seq_len=stage_data(config, stage).seq_len, key=stage.key)
     with rundir.lock(workdir, enabled=jax.process_index() == 0):
         claim_workdir(workdir, config.raw)
         if jax.process_index() == 0:

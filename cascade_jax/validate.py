@@ -60,6 +60,23 @@ def positive_number(key: str, value: Any, hint: str = "") -> float:
     return number(key, value, low=0.0, low_open=True, hint=hint)
 
 
+def temperature(key: str, value: Any) -> float:
+    """A sampling temperature, checked under the key the user wrote (`judge_temperature`)."""
+    return number(key, value, low=0.0, hint="0 samples greedily")
+
+
+def int_list(key: str, value: Any, hint: str = "") -> list[int]:
+    """`value` if it is a list of ints (a string of digits or a list of bools is not)."""
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise ValueError(f"{key}={str(value)[:80]!r} must be a list of integers{_hint(hint)}")
+    return value
+
+
+def optional_boolean(key: str, value: Any, hint: str = "") -> bool | None:
+    """`value` if it is None, True or False."""
+    return None if value is None else boolean(key, value, hint or "or null")
+
+
 def boolean(key: str, value: Any, hint: str = "") -> bool:
     """`value` if it is True or False (not 'false', not 0)."""
     if not isinstance(value, bool):

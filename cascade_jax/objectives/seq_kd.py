@@ -83,6 +83,14 @@ class SequenceKD(CrossEntropy):
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
         return validate.construct(Settings, block, key)
 
+    def check_files(self, settings: Settings, tokenizer: Any, *, seq_len: int) -> None:
+        """`source`'s rows, typed and checked against the run's tokenizer, before any work."""
+        from cascade_jax import teacher_data
+
+        del seq_len  # rows longer than seq_len are cut, as any CE data
+        if settings.source:
+            teacher_data.check_rows(teacher_data.read(settings.source), tokenizer)
+
     def build(self, ctx: StageContext) -> Built:
         from cascade_jax import data, prompts, teacher_data
 
