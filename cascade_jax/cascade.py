@@ -370,7 +370,8 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
     else:
         if root.kind == "hf":
             _, params = hf.load(root.path, dtype=cfg.param_dtype,
-                                shardings=sharding.param_shardings(cfg, run.mesh))
+                                shardings=sharding.param_shardings(cfg, run.mesh),
+                                check_finite=root.check_finite)
         else:
             _, params = load_checkpoint_model(root.path, run.mesh)
             params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)

@@ -324,6 +324,10 @@ class Checkpointer:
         if self._read_only:
             raise CheckpointError(f"{self._directory} was opened read_only; not saving step "
                                   f"{step}")
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise CheckpointError(f"step={step!r} must be a non-negative integer: a step saved "
+                                  f"under another name in {self._directory} could never be "
+                                  "listed or restored")
         self._refuse_to_overwrite(step)
         if not force and not self._manager.should_save(step):
             return False

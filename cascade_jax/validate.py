@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 
@@ -96,6 +96,16 @@ def string(key: str, value: Any, *, allow_empty: bool = True, hint: str = "") ->
         want = "a string" if allow_empty else "a non-empty string"
         raise ValueError(f"{key}={value!r} must be {want}{_hint(hint)}")
     return value
+
+
+def fields(where: str, record: Mapping[str, Any],
+           checks: Mapping[str, Callable[[str, Any], Any]]) -> None:
+    """Each of `checks`' keys that `record` (a JSON object read from a file) holds, not null,
+    passes its check (`positive_int`, `boolean`, ...), named `<where> <key>`: the one place a
+    file's values are typed where they enter, so a string "false" is never read as true."""
+    for name, check in checks.items():
+        if record.get(name) is not None:
+            check(f"{where} {name}", record[name])
 
 
 def known_keys(key: str, given: Mapping[str, Any] | Collection[str],
