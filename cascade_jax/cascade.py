@@ -930,14 +930,16 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
             for micro in {1, config.cadence.eval_micro_batches, stage.grad_accum}:
                 sharding.check_batch_split(stage_data(config, stage).batch_size, mesh, micro)
     root_cfg = root_model(config.root)
-    for name, cfg in plan_models(config, root_cfg).items():
+    models = plan_models(config, root_cfg)
+    for name, cfg in models.items():
         check_positions(cfg, config.data.seq_len, name)
     datasets = run_datasets(config, seed=config.seed)
     train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(),
                       "config.root.model" if config.root.kind == "scratch" else config.root.path)
     for stage in config.stages:  # every JSONL a stage names, before the root trains
         objectives.check_files(stage.objective, stage.settings, datasets.tokenizer,
-                               seq_len=stage_data(config, stage).seq_len, key=stage.key)
+                               seq_len=stage_data(config, stage).seq_len,
+                               vocab_size=models[stage.name].vocab_size, key=stage.key)
     with rundir.lock(workdir, enabled=jax.process_index() == 0):
         claim_workdir(workdir, config.raw)
         if jax.process_index() == 0:

@@ -103,13 +103,13 @@ def _ours(name: str) -> bool:
 
 
 def check_output(workdir: str, path: str | os.PathLike[str], overwrite: bool,
-                 root_dir: str | None = None) -> None:
+                 root_path: str | None = None) -> None:
     """`path` may be written: not the run, a stage, a checkpoint or the root (nor inside or
     holding one), and new, empty or (with `overwrite`) a previous export; refusals change
     nothing on disk."""
     protected = {workdir: "the cascade run's directory --workdir"}
-    if root_dir is not None:
-        protected[root_dir] = "the run's root model"
+    if root_path is not None:  # a Hugging Face directory or an Orbax checkpoint
+        protected[root_path] = "the run's root model"
     rundir.check_output(path, flag="--out", tool=TOOL, marker=EXPORT_FILE, ours=_ours,
                         overwrite=overwrite, protected=protected)
 
@@ -155,7 +155,7 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
     workdir = os.path.abspath(workdir)
     meta = _metadata(workdir, stage)
     root_dir = _root_directory(meta)
-    check_output(workdir, path, overwrite, root_dir)
+    check_output(workdir, path, overwrite, meta["config"]["root"].get("path") or None)
     step, finished = source_step(workdir, stage, step)
     root_config = (files.read_json(os.path.join(root_dir, hf.CONFIG_FILE))
                    if root_dir is not None else None)

@@ -225,5 +225,5 @@ def lock(directory: str, *, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-            if files.read_json(path).get("pid") == os.getpid():
+            if _holder(path)["pid"] == os.getpid():
                 os.unlink(path)

@@ -186,18 +186,18 @@ def read(path: str) -> list[Sampled]:
     return out
 
 
-def check_rows(rows: Sequence[Sampled], tokenizer: Any) -> None:
-    """Every row's `completion_ids` (where given) are ids of `tokenizer` that decode to the
-    row's completion text: ids outside the vocabulary, or of another tokenizer or text,
-    would be trained on silently. Errors name the file and line."""
+def check_rows(rows: Sequence[Sampled], tokenizer: Any, vocab_size: int) -> None:
+    """Every row's `completion_ids` (where given) lie in the student's vocabulary
+    [0, vocab_size) and decode (by `tokenizer`) to the row's completion text: ids beyond the
+    vocabulary, or of another tokenizer or text, would be trained on silently. Errors name
+    the file and line."""
     from cascade_jax import token_ids
 
-    vocab = tokenizer.get_vocab_size()
     for row in rows:
         if row.completion_ids is None:
             continue
         ids = np.asarray(row.completion_ids, np.int64)
-        token_ids.check(ids, vocab, where=f"{row.where} completion_ids",
+        token_ids.check(ids, vocab_size, where=f"{row.where} completion_ids",
                         fix="give ids of the student's tokenizer, or drop completion_ids "
                             "(the completion text is then tokenized)")
         text = prompts.decode_completions(tokenizer, ids[None], np.asarray([ids.size]))[0]
@@ -235,7 +235,6 @@ def training_pairs(rows: Sequence[Sampled], tokenizer: Any, *, keep: str = "all"
     answer line (rows without one are dropped: there is no answer to keep)."""
     if keep not in KEEP:
         raise ValueError(f"keep={keep!r} must be one of {list(KEEP)}")
-    check_rows(rows, tokenizer)
     if keep != "all" and any(r.correct is None for r in rows):
         raise ValueError(f"keep={keep!r} needs the verifier's judgement of every row; judge "
                          "them first (teacher_data.judged(rows, task))")

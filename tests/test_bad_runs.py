@@ -300,6 +300,8 @@ def test_a_nan_run_never_checkpoints_a_non_finite_state(corpus_dir, tmp_path):
     ('{"pid": "12", "host": "h"}', r"is not a cascade_jax lock \(it holds"),
     ("[1, 2]", r"is not a cascade_jax lock \(it holds"),
     (None, r"is a directory, so it is not a cascade_jax lock: remove it"),
+    ("unreadable", r"is not a readable cascade_jax lock \(.*Permission denied.*\); if no run "
+                   r"is using .*, delete"),
 ])
 def test_a_lock_file_that_is_no_lock_is_refused_naming_it_never_waited_on(
         tmp_path, tree_hash, monkeypatch, content, message):
@@ -309,6 +311,10 @@ def test_a_lock_file_that_is_no_lock_is_refused_naming_it_never_waited_on(
         lock.mkdir()
     else:
         lock.write_text(content)
+    if content == "unreadable":  # as chmod 000 would make it for anyone but root
+        def unreadable(path, *args):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(rundir.files, "read_json", unreadable)
     before = tree_hash(tmp_path)
     start = time.monotonic()
     with (pytest.raises(rundir.WorkdirError, match=rf"{lock} {message}"),

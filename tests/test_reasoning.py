@@ -131,6 +131,7 @@ def test_teacher_samples_killed_mid_write_resume_with_every_row_once(tmp_path, m
     assert manifest["dropped"]["correct"] == 20 - correct
     stored = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert stored == manifest
+    teacher_data.check_rows(resumed, TOKENIZER, CFG.vocab_size)  # ids decode to the text
     for row in resumed:  # the verifier's judgement, and the exact ids, as written
         assert row.correct == TASK.score(row.prompt, row.completion).correct
         assert TOKENIZER.decode([t for t in row.completion_ids if t != EOS]) == row.completion
@@ -336,24 +337,25 @@ def test_teacher_jsonl_values_are_typed_and_checked_against_the_tokenizer(tmp_pa
     ids = TOKENIZER.encode("1+2=3;#3").ids
     good = {"prompt": "1+2=", "completion": "1+2=3;#3", "completion_ids": ids}
 
-    def refused(change, message, *, read_only=False):
-        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
-        with pytest.raises(ValueError, match=message):
-            rows = teacher_data.read(str(path))
-            if not read_only:
-                teacher_data.training_pairs(rows, TOKENIZER)
+    path.write_text("")
+    seq_kd = objectives.get("seq_kd")
+    settings = seq_kd.parse_settings({"source": str(path)}, "config.stages.s.seq_kd")
 
-    refused({"correct": "false"}, r"teacher.jsonl:2 correct='false' must be True or False",
-            read_only=True)
-    refused({"well_formed": 1}, r"teacher.jsonl:2 well_formed=1 must be True or False",
-            read_only=True)
+    def refused(change, message):
+        """What `cascade.run` checks before the root trains (objectives.check_files)."""
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+        with pytest.raises(ValueError, match=rf"config.stages.s: .*{message}"):
+            objectives.check_files("seq_kd", settings, TOKENIZER, seq_len=SEQ_LEN,
+                                   vocab_size=CFG.vocab_size, key="config.stages.s")
+
+    refused({"correct": "false"}, r"teacher.jsonl:2 correct='false' must be True or False")
+    refused({"well_formed": 1}, r"teacher.jsonl:2 well_formed=1 must be True or False")
     refused({"completion_ids": "123"}, r"teacher.jsonl:2 completion_ids='123' must be a list "
-                                       r"of integers", read_only=True)
-    refused({"sample": -1}, r"teacher.jsonl:2 sample=-1 must be a non-negative integer",
-            read_only=True)
+                                       r"of integers")
+    refused({"sample": -1}, r"teacher.jsonl:2 sample=-1 must be a non-negative integer")
     refused({"completion_ids": [*ids[:-1], 999]},
             r"teacher.jsonl:2 completion_ids: token id 999 at position \d+ is outside the "
-            r"vocabulary \[0, \d+\); give ids of the student's tokenizer")
+            r"vocabulary \[0, 24\); give ids of the student's tokenizer")
     refused({"completion_ids": TOKENIZER.encode("1+2=4;#4").ids},
             r"teacher.jsonl:2: completion_ids decode to '1\+2=4;#4', not the line's completion "
             r"'1\+2=3;#3'")

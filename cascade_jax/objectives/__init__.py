@@ -87,15 +87,16 @@ def trains_on_teacher(objective_name: str, settings: object) -> bool:
 
 
 def check_files(objective_name: str, settings: object, tokenizer: Any, *, seq_len: int,
-                key: str) -> None:
+                vocab_size: int, key: str) -> None:
     """Open and validate every file a stage's settings name (a seq_kd or preference JSONL),
-    against the run's tokenizer, before any stage trains: the objective's optional
-    `check_files(settings, tokenizer, seq_len=...)`. Errors are prefixed with `key`."""
+    against the run's tokenizer and the student's vocabulary, before any stage trains: the
+    objective's optional `check_files(settings, tokenizer, seq_len=..., vocab_size=...)`.
+    Errors are prefixed with `key`."""
     check = getattr(get(objective_name), "check_files", None)
     if check is None:
         return
     try:
-        check(settings, tokenizer, seq_len=seq_len)
+        check(settings, tokenizer, seq_len=seq_len, vocab_size=vocab_size)
     except ValueError as error:
         raise ValueError(f"{key}: {error}") from error
 

@@ -409,8 +409,11 @@ class Preference:
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
         return parse(block, key)
 
-    def check_files(self, settings: Settings, tokenizer: Any, *, seq_len: int) -> None:
-        """`source`'s pairs, read and checked line by line, before any work."""
+    def check_files(self, settings: Settings, tokenizer: Any, *, seq_len: int,
+                    vocab_size: int) -> None:
+        """`source`'s pairs, read and checked line by line, before any work (their ids come
+        from `tokenizer`, whose vocabulary the run checks against the models')."""
+        del vocab_size
         if settings.source:
             read_offline_pairs(settings.source, tokenizer, seq_len=seq_len,
                                need_scores=settings.loss == "odpo")
