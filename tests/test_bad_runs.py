@@ -373,3 +373,13 @@ def test_the_shipped_configs_take_the_documented_keys_from_the_command_line(tmp_
     for name in ("grpo", "on_policy"):
         with pytest.raises(ValueError, match=r"sample_temperature=nan must be a finite"):
             objectives.get(name).parse_settings(dict(sample_temperature=float("nan")), name)
+
+
+def test_a_cli_that_waits_says_so_on_stderr(monkeypatch, capsys):
+    """--multihost blocks in jax.distributed.initialize() until every process has started:
+    the user sees why nothing happens."""
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: joined.append(True))
+    common.start(True)
+    assert joined == [True]
+    assert "waits until every process of the job has started" in capsys.readouterr().err
