@@ -96,10 +96,11 @@ def _legacy_identity(directory: str) -> dict[str, Any] | None:
     return rundir.identity(files.read_json(path)) if os.path.exists(path) else None
 
 
-def _restore_params(directory: str, cfg: ModelConfig, mesh: Mesh) -> model.Params:
+def _restore_params(directory: str, cfg: ModelConfig, mesh: Mesh,
+                    step: int | None = None) -> model.Params:
     target = steps.abstract_like(model.param_shapes(cfg), sharding.param_shardings(cfg, mesh))
     with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
-        return ckpt.restore({"params": target}, partial=True).state["params"]
+        return ckpt.restore({"params": target}, step=step, partial=True).state["params"]
 
 
 def checkpoint_model_config(directory: str) -> ModelConfig:
@@ -112,11 +113,12 @@ def checkpoint_model_config(directory: str) -> ModelConfig:
     return ModelConfig.from_dict(metadata["model"])
 
 
-def load_checkpoint_model(directory: str, mesh: Mesh) -> tuple[ModelConfig, model.Params]:
-    """(config, params) of the latest step in an Orbax checkpoint directory written by
-    cascade_jax (its metadata holds the model config)."""
+def load_checkpoint_model(directory: str, mesh: Mesh, step: int | None = None
+                          ) -> tuple[ModelConfig, model.Params]:
+    """(config, params) of `step` (default the latest) in an Orbax checkpoint directory
+    written by cascade_jax (its metadata holds the model config)."""
     cfg = checkpoint_model_config(directory)
-    return cfg, _restore_params(directory, cfg, mesh)
+    return cfg, _restore_params(directory, cfg, mesh, step)
 
 
 # ---------------------------------------------------------------------- sizing, before work
@@ -411,7 +413,8 @@ def run_root(run: _Run, cfg: ModelConfig) -> dict[str, Any]:
     else:
         if root.kind == "hf":
             _, params = hf.load(root.path, dtype=cfg.param_dtype,
-                                shardings=sharding.param_shardings(cfg, run.mesh))
+                                shardings=sharding.param_shardings(cfg, run.mesh),
+                                check_finite=root.check_finite)
         else:
             _, params = load_checkpoint_model(root.path, run.mesh)
             params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
@@ -993,11 +996,16 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
             for micro in {1, config.cadence.eval_micro_batches, stage.grad_accum}:
                 sharding.check_batch_split(stage_data(config, stage).batch_size, mesh, micro)
     root_cfg = root_model(config.root)
-    for name, cfg in plan_models(config, root_cfg).items():
+    models = plan_models(config, root_cfg)
+    for name, cfg in models.items():
         check_positions(cfg, config.data.seq_len, name)
     datasets = run_datasets(config, seed=config.seed)
     train.check_vocab(root_cfg, datasets.tokenizer.get_vocab_size(),
                       "config.root.model" if config.root.kind == "scratch" else config.root.path)
+    for stage in config.stages:  # every JSONL a stage names, before the root trains
+        objectives.check_files(stage.objective, stage.settings, datasets.tokenizer,
+                               seq_len=stage_data(config, stage).seq_len,
+                               vocab_size=models[stage.name].vocab_size, key=stage.key)
     with rundir.lock(workdir, enabled=jax.process_index() == 0):
         claim_workdir(workdir, config.raw)
         if jax.process_index() == 0:

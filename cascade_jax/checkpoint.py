@@ -324,6 +324,10 @@ class Checkpointer:
         if self._read_only:
             raise CheckpointError(f"{self._directory} was opened read_only; not saving step "
                                   f"{step}")
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise CheckpointError(f"step={step!r} must be a non-negative integer: a step saved "
+                                  f"under another name in {self._directory} could never be "
+                                  "listed or restored")
         self._refuse_to_overwrite(step)
         if not force and not self._manager.should_save(step):
             return False
@@ -485,12 +489,12 @@ def read_metadata(directory: epath.PathLike, step: int | None = None) -> dict[st
         return ckpt.read_metadata(step)
 
 
-def fingerprint(directory: epath.PathLike) -> str:
-    """A short identity of the latest complete step's contents (its step number and the
-    checksums of every leaf, computed when it was saved): what a later stage records of the
-    parent it consumed, to notice when that parent changed underneath it."""
+def fingerprint(directory: epath.PathLike, step: int | None = None) -> str:
+    """A short identity of a complete step's contents (default the latest; its step number
+    and the checksums of every leaf, computed when it was saved): what a later stage records
+    of the parent it consumed, to notice when that parent changed underneath it."""
     with Checkpointer(directory, read_only=True) as ckpt:
-        step = ckpt.latest_step()
+        step = ckpt.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{directory} holds no complete checkpoint to fingerprint")
         sums = ckpt.read_checksums(step)

@@ -50,14 +50,15 @@ class Llama3RopeScaling:
     rope_type: ClassVar[str] = "llama3"
 
     def __post_init__(self) -> None:
-        ok = (_is_real(self.factor) and self.factor > 0 and _is_real(self.low_freq_factor)
+        ok = (_is_real(self.factor) and self.factor >= 1 and _is_real(self.low_freq_factor)
               and _is_real(self.high_freq_factor)
               and 0 < self.low_freq_factor < self.high_freq_factor
               and _is_count(self.original_max_position_embeddings))
         if not ok:
-            raise ValueError(f"rope_scaling={self!r} must have factor > 0, 0 < low_freq_factor "
-                             "< high_freq_factor and a positive integer "
-                             "original_max_position_embeddings, e.g. Llama 3.1's "
+            raise ValueError(f"rope_scaling={self!r} must have factor >= 1 (as transformers "
+                             "requires), 0 < low_freq_factor < high_freq_factor and a "
+                             "positive integer original_max_position_embeddings, e.g. Llama "
+                             "3.1's "
                              "(8.0, 1.0, 4.0, 8192)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,7 +89,7 @@ class YarnRopeScaling:
 
     def __post_init__(self) -> None:
         optional = (self.mscale, self.mscale_all_dim, self.attention_factor)
-        ok = (_is_real(self.factor) and self.factor > 0
+        ok = (_is_real(self.factor) and self.factor >= 1
               and _is_count(self.original_max_position_embeddings)
               and _is_real(self.beta_fast) and _is_real(self.beta_slow)
               and self.beta_fast > self.beta_slow > 0
@@ -96,7 +97,8 @@ class YarnRopeScaling:
               and (self.attention_factor is None or self.attention_factor > 0)
               and isinstance(self.truncate, bool))
         if not ok:
-            raise ValueError(f"rope_scaling={self!r} must have factor > 0, a positive integer "
+            raise ValueError(f"rope_scaling={self!r} must have factor >= 1 (as transformers "
+                             "requires), a positive integer "
                              "original_max_position_embeddings, beta_fast > beta_slow > 0, "
                              "real mscale / mscale_all_dim (or None), attention_factor > 0 (or "
                              "None) and a bool truncate; e.g. Ministral 3's factor 16.0, "

@@ -9,6 +9,11 @@ be mapped into the stage's residual basis: `hidden_map` composes the map of ever
 the way down from the root (channel cuts, PCA rotations, the residual rescale; a stage made
 from its parent unchanged adds none), read from each stage's checkpoint metadata and the
 `prune_rotation.npy` the cascade writes beside a PCA stage.
+
+Export writes only what it owns: never the run's directory, a stage, a checkpoint, the root,
+or a directory it did not write (`export.json` names the writer and records the stage, step
+and fingerprint the export came from); `overwrite` replaces only a previous export. An
+unfinished stage (no `result.json`) is exported only when its step is named.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from cascade_jax import checkpoint, hf, prune, sharding
+from cascade_jax import checkpoint, files, hf, prune, rundir, sharding
 
 ROOT = "root"
+# Written last into every export: what wrote it, and the stage, step and fingerprint it holds.
+EXPORT_FILE = "export.json"
+TOOL = "cascade_jax.export"
 
 
 def _metadata(workdir: str, stage: str) -> dict[str, Any]:
@@ -90,8 +98,47 @@ def _text_architecture(cfg: Any, root_config: dict[str, Any] | None) -> str | No
     return hf.text_architecture(root_config)
 
 
+def _ours(name: str) -> bool:
+    return hf.is_saved_file(name) or name == EXPORT_FILE
+
+
+def check_output(workdir: str, path: str | os.PathLike[str], overwrite: bool,
+                 root_path: str | None = None) -> None:
+    """`path` may be written: not the run, a stage, a checkpoint or the root (nor inside or
+    holding one), and new, empty or (with `overwrite`) a previous export; refusals change
+    nothing on disk."""
+    protected = {workdir: "the cascade run's directory --workdir"}
+    if root_path is not None:  # a Hugging Face directory or an Orbax checkpoint
+        protected[root_path] = "the run's root model"
+    rundir.check_output(path, flag="--out", tool=TOOL, marker=EXPORT_FILE, ours=_ours,
+                        overwrite=overwrite, protected=protected)
+
+
+def source_step(workdir: str, stage: str, step: int | None = None) -> tuple[int, bool]:
+    """(the checkpoint step to export, whether the stage is finished). A finished stage (its
+    `result.json` written) exports its last step; an unfinished one only a step named."""
+    directory = os.path.join(workdir, stage, "checkpoints")
+    steps = checkpoint.all_steps(directory)
+    finished = os.path.isfile(os.path.join(workdir, stage, "result.json"))
+    if step is None:
+        if not finished:
+            newest = f"its newest checkpoint is step {steps[-1]}" if steps else "no checkpoint"
+            raise ValueError(f"stage {stage!r} of the run in {workdir} is unfinished (no "
+                             f"result.json; {newest}): rerun the cascade to finish it, or "
+                             "export an intermediate checkpoint on purpose with --step=<step> "
+                             f"(one of {steps})")
+        if not steps:
+            raise ValueError(f"{directory} holds no complete checkpoint; rerun the stage")
+        return steps[-1], True
+    if isinstance(step, bool) or not isinstance(step, int) or step not in steps:
+        raise ValueError(f"step={step!r} is not a complete checkpoint of stage {stage!r} in "
+                         f"{directory}; its complete steps are {steps}")
+    return step, finished and step == steps[-1]
+
+
 def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
-           vision: bool | None = None, overwrite: bool = False) -> Path:
+           vision: bool | None = None, overwrite: bool = False,
+           step: int | None = None) -> Path:
     """Write stage `stage` of the cascade run in `workdir` as a Hugging Face directory at
     `path` (atomic, as `hf.save`); returns it.
 
@@ -99,11 +146,17 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
     when the root is a Mistral 3 wrapper; else text-only); False text-only; True insists on
     the wrapper. The root's tokenizer files (and, for the wrapper, its image processor's) are
     copied beside the weights when the root is a Hugging Face directory.
+
+    `path` must be new, empty or (with `overwrite`) a previous export (`check_output`); an
+    unfinished stage needs `step`. `export.json` records the source (`source_step`).
     """
     from cascade_jax import cascade
 
+    workdir = os.path.abspath(workdir)
     meta = _metadata(workdir, stage)
     root_dir = _root_directory(meta)
+    check_output(workdir, path, overwrite, meta["config"]["root"].get("path") or None)
+    step, finished = source_step(workdir, stage, step)
     root_config = hf.config_dict(root_dir) if root_dir is not None else None
     wrapper = root_config is not None and hf.is_wrapper(root_config)
     if vision and not wrapper:
@@ -112,8 +165,8 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
                          "export text-only (vision=None or False)")
     vision = wrapper if vision is None else vision
     mesh = sharding.make_mesh(data=-1)
-    cfg, params = cascade.load_checkpoint_model(os.path.join(workdir, stage, "checkpoints"),
-                                                mesh)
+    directory = os.path.join(workdir, stage, "checkpoints")
+    cfg, params = cascade.load_checkpoint_model(directory, mesh, step)
     if vision:
         out = hf.save(cfg, params, path, overwrite=overwrite, vision_from=root_dir,
                       hidden_map=hidden_map(workdir, stage))
@@ -123,4 +176,7 @@ def export(workdir: str, stage: str, path: str | os.PathLike[str], *,
                       extra_config=hf.carried_config(root_dir) if root_dir else None)
     if root_dir is not None:
         hf.copy_tokenizer_files(root_dir, None, out, processor=vision)
+    files.write_json(os.path.join(out, EXPORT_FILE), {
+        "tool": TOOL, "workdir": workdir, "stage": stage, "step": step,
+        "finished": finished, "fingerprint": checkpoint.fingerprint(directory, step)})
     return out

@@ -46,7 +46,7 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cascade_jax import files, gguf, model, paths
+from cascade_jax import files, gguf, model, paths, validate
 from cascade_jax.config import (
     ROPE_SCALINGS,
     Llama3RopeScaling,
@@ -453,6 +453,22 @@ def _refuse_unmodelled(text: Mapping[str, Any], family: _Family, source: str) ->
                          "MLP is SwiGLU (hidden_act 'silu')")
 
 
+# The JSON type of every config.json value read (top level or text_config; rope_parameters).
+_CONFIG_TYPES: dict[str, Callable[[str, Any], Any]] = {
+    **dict.fromkeys(("hidden_size", "num_attention_heads", "num_hidden_layers", "head_dim",
+                     "num_key_value_heads", "intermediate_size", "vocab_size",
+                     "max_position_embeddings", "original_max_position_embeddings"),
+                    validate.positive_int),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias",
+                     "use_sliding_window"), validate.boolean),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta"), validate.positive_number)}
+_ROPE_TYPES: dict[str, Callable[[str, Any], Any]] = {
+    **dict.fromkeys(("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                     "mscale", "mscale_all_dim", "attention_factor"), validate.number),
+    "rope_theta": validate.positive_number, "truncate": validate.boolean,
+    "original_max_position_embeddings": validate.positive_int}
+
+
 def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE,
                    tie_embeddings: bool | None = None) -> ModelConfig:
     """A `ModelConfig` from a `config.json` dict (a `*ForCausalLM` we read, or a Mistral 3
@@ -466,6 +482,8 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE,
     _fp8_scheme(hf, source)
     if text is not hf:  # errors about the text model's keys say where they live
         source = f"{source} (text_config)"
+    validate.fields(source, text, _CONFIG_TYPES)
+    validate.fields(f"{source} rope_parameters", _rope_dict(text, source), _ROPE_TYPES)
     _refuse_unmodelled(text, family, source)
     rope_theta, rope_scaling = _rope(text, source)
     d_model = int(_require(text, "hidden_size", source))
@@ -714,8 +732,8 @@ class _Checkpoint:
     each float8 weight's scale_inv is found by name (`scales`) and applied as it is read."""
 
     def __init__(self, path: Path, stack: contextlib.ExitStack, *, wrapper: bool = False,
-                 fp8: _Fp8 | None = None):
-        self.path, self.fp8 = path, fp8
+                 fp8: _Fp8 | None = None, check_finite: bool = True):
+        self.path, self.fp8, self.check_finite = path, fp8, check_finite
         index = path / INDEX_FILE
         if index.is_file():
             weight_map = files.read_json(str(index), _WRITER)
@@ -768,6 +786,9 @@ class _Checkpoint:
         if found.get_dtype() != _FP8_DTYPE:
             return found
         scale = np.asarray(self.meta(self.scales[name])[...], np.float32)
+        if self.check_finite:
+            _check_finite(scale != 0, scale, f"{self.files[name]}: {self.scales[name]}",
+                          "NaN, infinite or 0 scales (a 0 would zero its weights)")
         file = self.files[name]
         if file not in self.headers:  # parsed once per file, not once per layer and shard
             self.headers[file] = _safetensors_header(file)
@@ -879,6 +900,17 @@ def _axis_block(ranges: list[tuple[int, int]], dims: tuple[int, ...]) -> tuple[s
     return slice(start * inner, stop * inner), tuple(slice(a, b) for a, b in rest)
 
 
+def _check_finite(ok: np.ndarray, values: np.ndarray, what: str, bad: str) -> None:
+    """Refuse `values` where `ok` (and finiteness) fails, naming `what` and the first bad
+    index: a damaged weight must fail where it is read, not as a NaN loss later."""
+    ok = ok & np.isfinite(values)
+    if not ok.all():
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmin(ok)), ok.shape))
+        raise ValueError(f"{what} holds {bad}: {values[index]} at index {index}; the file is "
+                         "damaged: download or export it again (or load with "
+                         "check_finite=False if you know why)")
+
+
 def _read_block(sl: Any, t: _Tensor, shape: tuple[int, ...],
                 ranges: list[tuple[int, int]]) -> np.ndarray:
     """Our per-layer block `ranges` (one (start, stop) per our axis) read from HF tensor `sl`,
@@ -950,7 +982,7 @@ def _flat_shardings(shardings: Any, shapes: Mapping[str, Any]) -> dict[str, Any]
 
 
 def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
-         shardings: Any = None) -> tuple[ModelConfig, Params]:
+         shardings: Any = None, check_finite: bool = True) -> tuple[ModelConfig, Params]:
     """Read an HF directory (`ARCHITECTURES`, or a Mistral 3 wrapper's text model), or a
     `.gguf` file of one of `gguf.ARCHITECTURES` (dequantized), into `(cfg, params)`, tensor
     by tensor.
@@ -959,14 +991,17 @@ def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
     weights are dequantized to it (default: the config's dtype). `shardings`: an optional
     pytree of `jax.sharding.Sharding` matching the param tree; each device then reads only its
     own slice. Without it: plain arrays on the default device. A wrapper is tied exactly when
-    it stores no LM head; its vision tower and projector are not read.
+    it stores no LM head; its vision tower and projector are not read. Every weight (and FP8
+    scale) is checked finite as it is read (FP8 scales also non-zero) unless `check_finite`
+    is False.
     """
     path = Path(path)
     hf_config, source = _read_config(path)
     wrapper = _architecture(hf_config, source) == WRAPPER
     with contextlib.ExitStack() as stack:
         ckpt = (gguf.Tensors(path, hf_config) if gguf.is_gguf(path) else
-                _Checkpoint(path, stack, wrapper=wrapper, fp8=_fp8_scheme(hf_config, source)))
+                _Checkpoint(path, stack, wrapper=wrapper, fp8=_fp8_scheme(hf_config, source),
+                            check_finite=check_finite))
         cfg = config_from_hf(hf_config, source=source,
                              tie_embeddings=(_HEAD not in ckpt.where) if wrapper else None)
         if _configured_dtype(hf_config, source) is None and _TENSORS[0].name() in ckpt.where:
@@ -981,7 +1016,11 @@ def load(path: str | os.PathLike[str], *, dtype: DTypeLike | None = None,
             shape, leaf_dtype = tuple(shapes[t.path].shape), shapes[t.path].dtype
 
             def read(ranges, t=t, shape=shape, leaf_dtype=leaf_dtype):
-                return _read_leaf(ckpt, t, shape, leaf_dtype, ranges)
+                block = _read_leaf(ckpt, t, shape, leaf_dtype, ranges)
+                if check_finite:
+                    _check_finite(np.ones(block.shape, bool), block,
+                                  f"{path}: {t.path} (block {ranges})", "a non-finite value")
+                return block
 
             flat[t.path] = _place(read, shape, leaf_dtype, placement[t.path])
     return cfg, paths.unflatten(flat)
@@ -1328,6 +1367,12 @@ CARRIED_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 def config_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The config.json dict of an HF directory, or the one a GGUF file's metadata implies."""
     return _read_config(Path(path))[0]
+
+
+def is_saved_file(name: str) -> bool:
+    """A file name `save` and `copy_tokenizer_files` write into a model directory."""
+    return (name in (CONFIG_FILE, INDEX_FILE, *TOKENIZER_FILES, *PROCESSOR_FILES)
+            or name.endswith(".safetensors"))
 
 
 def carried_config(hf_in: str | os.PathLike[str]) -> dict[str, Any]:

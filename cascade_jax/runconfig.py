@@ -431,12 +431,15 @@ class RootConfig:
     model: dict[str, Any] | None = None
     steps: int = 0
     optim: OptimConfig | None = None
+    check_finite: bool = True  # refuse NaN/inf weights and FP8 scales of NaN, inf or 0
     key: str = dataclasses.field(default="config.root", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         k = self.key
         validate.one_of(_key(k, "kind"), self.kind, ROOT_KINDS)
         validate.string(_key(k, "path"), self.path)
+        validate.boolean(_key(k, "check_finite"), self.check_finite,
+                         "False loads non-finite weights of an 'hf' root as they are")
         if self.kind == "scratch":
             if not self.model:
                 raise ValueError(f"{_key(k, 'model')} is required for kind='scratch': the "
@@ -466,13 +469,14 @@ class RootConfig:
 
 def _root(block: Any, key: str = "config.root") -> RootConfig:
     values = as_dict(block, key)
-    validate.known_keys(key, values, ("kind", "path", "model", "steps", "optim"))
+    validate.known_keys(key, values, ("kind", "path", "model", "steps", "optim",
+                                      "check_finite"))
     optim = values.get("optim")
     return RootConfig(kind=values.get("kind", "scratch"), path=values.get("path", ""),
                       model=as_dict(values.get("model"), _key(key, "model")) or None,
                       steps=values.get("steps", 0),
                       optim=None if optim is None else _optim(optim, _key(key, "optim")),
-                      key=key)
+                      check_finite=values.get("check_finite", True), key=key)
 
 
 @dataclasses.dataclass(frozen=True)

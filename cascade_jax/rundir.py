@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from cascade_jax import files
@@ -99,6 +100,48 @@ def mark_stage(directory: str, *, run: str, stage: str) -> None:
         files.write_json(path, {"tool": "cascade_stage", "run": run, "stage": stage})
 
 
+def _owning_run(path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(directory, owner record) of the nearest run directory that is or holds `path`."""
+    for directory in (path, *path.parents):
+        if (directory / OWNER_FILE).is_file():
+            return directory, read_owner(str(directory)) or {}
+    return None
+
+
+def check_output(path: str | os.PathLike[str], *, flag: str, tool: str, marker: str,
+                 ours: Callable[[str], bool], overwrite: bool,
+                 protected: Mapping[str, str] | None = None) -> None:
+    """An output directory a tool may write (or, with `overwrite`, replace): new or empty, or
+    a previous output of this tool (it holds `marker` and only names `ours` accepts). Never
+    a `protected` path (`{path: what it is}`), a directory holding or inside one, nor a
+    directory inside a run (an `owner.json` at or above it). Refusals name the path and
+    what owns it; they write nothing."""
+    out = Path(path).resolve()
+    for other, what in (protected or {}).items():
+        held = Path(other).resolve()
+        if out == held or held in out.parents or out in held.parents:
+            raise WorkdirError(f"{flag}={path} is, holds or lies inside {what} ({other}); "
+                               f"{tool} never writes over it: choose a directory outside it")
+    owning = _owning_run(out)
+    if owning is not None:
+        raise WorkdirError(f"{flag}={path} is or lies inside {owning[0]}, which holds "
+                           f"{_describe(owning[1])}; {tool} never writes into a run: choose a "
+                           "directory outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{flag}={path} is a file; choose a directory path")
+    if not overwrite:
+        raise FileExistsError(f"{flag}={path} exists and is not empty; pass --overwrite to "
+                              f"replace a previous {tool} output, or choose a new directory")
+    foreign = sorted(p.name for p in out.iterdir() if not ours(p.name))
+    if not (out / marker).exists() or foreign:
+        why = (f"it holds files this tool never writes ({', '.join(foreign[:5])})" if foreign
+               else f"it has no {marker}, so it is not an {tool} output")
+        raise FileExistsError(f"--overwrite refuses {flag}={path}: {why}; choose a new "
+                              "directory or empty it yourself")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -120,26 +163,57 @@ def _take(path: str) -> bool:
     return True
 
 
+# How long a lock file may stay unreadable before it is refused: `_take` writes its few bytes
+# right after creating it, so only a file no lock of ours will ever finish stays torn longer.
+_TORN_S = 2.0
+
+
+def _holder(path: str) -> dict[str, Any]:
+    """The lock's {"pid", "host", "since"}; an error naming `path` when it is no lock this
+    module wrote (a directory, unreadable, empty, another format)."""
+    try:
+        holder = files.read_json(path, "rundir.lock")
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} is not a readable cascade_jax lock ({e}); if no run is "
+                           f"using {os.path.dirname(path)}, delete {path} and rerun") from e
+    if not (isinstance(holder, dict) and isinstance(holder.get("pid"), int)
+            and not isinstance(holder.get("pid"), bool) and isinstance(holder.get("host"), str)
+            and isinstance(holder.get("since", 0), int | float)):
+        raise WorkdirError(f"{path} is not a cascade_jax lock (it holds {str(holder)[:80]!r}, "
+                           'not {"pid": <int>, "host": <str>, "since": <time>}); if no run is '
+                           f"using {os.path.dirname(path)}, delete {path} and rerun")
+    return holder
+
+
 @contextlib.contextmanager
 def lock(directory: str, *, enabled: bool = True) -> Iterator[None]:
     """Hold `directory/.lock` for the duration: a second process is refused with the owner's
     pid and host; a lock whose process is gone (same host, pid not alive: a kill -9) is taken
-    over. `enabled=False` (non-zero processes of one job) does nothing."""
+    over; a lock file that is not one (a directory, unreadable, empty or of another format,
+    after `_TORN_S` seconds to finish being written) is refused naming it, never waited on.
+    `enabled=False` (non-zero processes of one job) does nothing."""
     if not enabled:
         yield
         return
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, LOCK_FILE)
+    torn_since = None
     while not _take(path):
+        if os.path.isdir(path):
+            raise WorkdirError(f"{path} is a directory, so it is not a cascade_jax lock: "
+                               "remove it and rerun")
         try:
-            holder = files.read_json(path)
-        except (OSError, ValueError):
-            holder = {}  # being written this instant, or torn: look again
-            time.sleep(0.05)
-            if os.path.exists(path):
-                continue
-        host, pid = holder.get("host"), holder.get("pid")
-        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            holder = _holder(path)
+        except WorkdirError:
+            if not os.path.lexists(path):
+                continue  # released this instant: take it
+            torn_since = time.monotonic() if torn_since is None else torn_since
+            if time.monotonic() - torn_since > _TORN_S:
+                raise
+            time.sleep(0.05)  # being written this instant: look again
+            continue
+        host, pid = holder["host"], holder["pid"]
+        if host == socket.gethostname() and not _alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale: its process is gone
             continue
@@ -151,5 +225,5 @@ def lock(directory: str, *, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-            if files.read_json(path).get("pid") == os.getpid():
+            if _holder(path)["pid"] == os.getpid():
                 os.unlink(path)

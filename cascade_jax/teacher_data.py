@@ -35,7 +35,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from cascade_jax import files, generate, model, prompts, rundir, tasks
+from cascade_jax import files, generate, model, prompts, rundir, tasks, validate
 from cascade_jax.config import ModelConfig
 from cascade_jax.tasks import base as task_base
 from cascade_jax.tasks import jsonl
@@ -58,6 +58,7 @@ class Sampled:
     correct: bool | None = None
     well_formed: bool | None = None
     sample: int = 0
+    where: str = dataclasses.field(default="", compare=False)  # file:line it was read from
 
 
 def _line(s: Sampled) -> str:
@@ -89,6 +90,13 @@ def _check_spec(directory: str, spec: dict[str, Any]) -> None:
     """Samples already on disk must be of this teacher, sampling and prompt set: parts of
     two different runs would mix silently."""
     path = os.path.join(directory, SPEC)
+    orphans = ([n for n in sorted(os.listdir(directory)) if n.startswith("part-")]
+               if os.path.isdir(directory) else [])
+    if not os.path.exists(path) and orphans:
+        raise rundir.WorkdirError(
+            f"{directory} holds teacher samples ({', '.join(orphans[:3])}) but no {SPEC}: "
+            "nothing says which teacher and settings made them, so they are not adopted; "
+            f"delete {directory} to sample again, or restore its {SPEC}")
     if os.path.exists(path):
         recorded = files.read_json(path)
         if recorded != json.loads(json.dumps(spec)):
@@ -165,13 +173,38 @@ def read(path: str) -> list[Sampled]:
                        and n.endswith(".jsonl"))
         return [row for name in names for row in read(os.path.join(path, name))]
     out = []
-    for _, r in jsonl.read_records(path, required=("prompt", "completion"),
-                                         hint='each line is {"prompt": ..., "completion": ...}'):
+    for line, r in jsonl.read_records(path, required=("prompt", "completion"),
+                                      hint='each line is {"prompt": ..., "completion": ...}'):
+        where = f"{path}:{line}"
         ids = r.get("completion_ids")
-        out.append(Sampled(r["prompt"], r["completion"],
-                           None if ids is None else tuple(int(t) for t in ids),
-                           r.get("correct"), r.get("well_formed"), int(r.get("sample", 0))))
+        out.append(Sampled(
+            r["prompt"], r["completion"],
+            None if ids is None else tuple(validate.int_list(f"{where} completion_ids", ids)),
+            validate.optional_boolean(f"{where} correct", r.get("correct")),
+            validate.optional_boolean(f"{where} well_formed", r.get("well_formed")),
+            validate.non_negative_int(f"{where} sample", r.get("sample", 0)), where))
     return out
+
+
+def check_rows(rows: Sequence[Sampled], tokenizer: Any, vocab_size: int) -> None:
+    """Every row's `completion_ids` (where given) lie in the student's vocabulary
+    [0, vocab_size) and decode (by `tokenizer`) to the row's completion text: ids beyond the
+    vocabulary, or of another tokenizer or text, would be trained on silently. Errors name
+    the file and line."""
+    from cascade_jax import token_ids
+
+    for row in rows:
+        if row.completion_ids is None:
+            continue
+        ids = np.asarray(row.completion_ids, np.int64)
+        token_ids.check(ids, vocab_size, where=f"{row.where} completion_ids",
+                        fix="give ids of the student's tokenizer, or drop completion_ids "
+                            "(the completion text is then tokenized)")
+        text = prompts.decode_completions(tokenizer, ids[None], np.asarray([ids.size]))[0]
+        if text != row.completion:
+            raise ValueError(f"{row.where}: completion_ids decode to {text[:60]!r}, not the "
+                             f"line's completion {row.completion[:60]!r}; fix the line, or "
+                             "drop completion_ids (the completion text is then tokenized)")
 
 
 def _keeper(rule: str) -> Callable[[Sampled], bool]:

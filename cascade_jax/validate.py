@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 
@@ -60,6 +60,23 @@ def positive_number(key: str, value: Any, hint: str = "") -> float:
     return number(key, value, low=0.0, low_open=True, hint=hint)
 
 
+def temperature(key: str, value: Any) -> float:
+    """A sampling temperature, checked under the key the user wrote (`judge_temperature`)."""
+    return number(key, value, low=0.0, hint="0 samples greedily")
+
+
+def int_list(key: str, value: Any, hint: str = "") -> list[int]:
+    """`value` if it is a list of ints (a string of digits or a list of bools is not)."""
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise ValueError(f"{key}={str(value)[:80]!r} must be a list of integers{_hint(hint)}")
+    return value
+
+
+def optional_boolean(key: str, value: Any, hint: str = "") -> bool | None:
+    """`value` if it is None, True or False."""
+    return None if value is None else boolean(key, value, hint or "or null")
+
+
 def boolean(key: str, value: Any, hint: str = "") -> bool:
     """`value` if it is True or False (not 'false', not 0)."""
     if not isinstance(value, bool):
@@ -79,6 +96,16 @@ def string(key: str, value: Any, *, allow_empty: bool = True, hint: str = "") ->
         want = "a string" if allow_empty else "a non-empty string"
         raise ValueError(f"{key}={value!r} must be {want}{_hint(hint)}")
     return value
+
+
+def fields(where: str, record: Mapping[str, Any],
+           checks: Mapping[str, Callable[[str, Any], Any]]) -> None:
+    """Each of `checks`' keys that `record` (a JSON object read from a file) holds, not null,
+    passes its check (`positive_int`, `boolean`, ...), named `<where> <key>`: the one place a
+    file's values are typed where they enter, so a string "false" is never read as true."""
+    for name, check in checks.items():
+        if record.get(name) is not None:
+            check(f"{where} {name}", record[name])
 
 
 def known_keys(key: str, given: Mapping[str, Any] | Collection[str],

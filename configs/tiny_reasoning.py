@@ -49,7 +49,8 @@ GRANDCHILD = dict(n_layers=2, d_model=96, d_ff=256)
 OBJECTIVE_SETTINGS = {
     "kd": dict(kind="forward_kl", temperature=1.0, alpha=1.0, chunk_size=64),
     "sft": {},
-    "seq_kd": dict(samples_per_prompt=2, prompts=2048, temperature=1.0, keep="correct"),
+    "seq_kd": dict(samples_per_prompt=2, prompts=2048, temperature=1.0, keep="correct",
+                   source=""),  # '' samples the teacher; a JSONL or teacher_data directory
     "on_policy": dict(kind="jsd", beta=0.5, student_fraction=0.5, off_policy="data",
                       sample_temperature=1.0, chunk_size=64),
     # post-training variants (Ministral 3's instruct and reasoning recipes, at our scale).
@@ -61,7 +62,7 @@ OBJECTIVE_SETTINGS = {
     # task's alphabet), judge_max_new_tokens=1 (1 + 10 + 2 × 26 + 1 = 64 tokens: template,
     # longest problem, two completions, verdict).
     "preference": dict(loss="dpo", beta=0.1, samples_per_prompt=2, judge="verifier",
-                       sample_temperature=1.0, chunk_size=64),
+                       sample_temperature=1.0, chunk_size=64, source=""),
     "grpo": dict(preset="magistral", group_size=8, sample_temperature=1.0, chunk_size=64),
     "codistill": dict(group="pair", alpha=0.5, refresh_every=0, kind="forward_kl",
                       chunk_size=64),

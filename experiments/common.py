@@ -29,6 +29,8 @@ def start(multihost: bool) -> None:
     if multihost:
         import jax
 
+        print("joining the multi-host job: jax.distributed.initialize() waits until every "
+              "process of the job has started", file=sys.stderr, flush=True)
         jax.distributed.initialize()
 
 

@@ -4,7 +4,10 @@
 Writes the stage in its root's format (`cascade_jax.export`): a Mistral 3 wrapper root's
 stages as the wrapper again (vision tower carried, projector mapped), anything else text-only;
 `--text_only` forces the text model. The root's tokenizer files come along when the root was
-a Hugging Face directory. Refuses to overwrite a non-empty `--out` unless `--overwrite`.
+a Hugging Face directory. Writes only what it owns: `--out` may not be (or hold, or lie
+inside) the run, a stage, a checkpoint or the root; a non-empty `--out` is replaced only when
+it is a previous export (its `export.json`) and `--overwrite` is given. An unfinished stage is
+exported only with `--step`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ _STAGE = flags.DEFINE_string("stage", None, "The stage to export.", required=Tru
 _OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.", required=True)
 _TEXT_ONLY = flags.DEFINE_bool("text_only", False, "Write the text model even when the root "
                                "is a Mistral 3 wrapper.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous export at --out.")
+_STEP = flags.DEFINE_integer("step", None, "Export this checkpoint step (needed for an "
+                             "unfinished stage); default the finished stage's last.")
 
 
 @last_line_is_the_cause
@@ -29,7 +34,7 @@ def main(argv: list[str]) -> None:
 
     out = export.export(_WORKDIR.value, _STAGE.value, _OUT.value,
                         vision=False if _TEXT_ONLY.value else None,
-                        overwrite=_OVERWRITE.value)
+                        overwrite=_OVERWRITE.value, step=_STEP.value)
     print(f"wrote {out}")
 
 

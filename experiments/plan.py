@@ -57,11 +57,15 @@ def define_flags() -> None:
                       "per step; see cascade_jax.aot).")
     flags.DEFINE_list("stages", None, "Plan only these ('root' and/or stage names).")
     flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
+    flags.DEFINE_integer("max_virtual_devices", MAX_VIRTUAL_DEVICES, "The most virtual CPU "
+                         "devices the plan makes for a mesh larger than this process's.")
     flags.mark_flags_as_required(["config"])
 
 GIB = 2.0**30
 _SUBPROCESS_ENV = "CASCADE_JAX_PLAN_SUBPROCESS"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU makes every virtual device up front; far beyond a pod's size it takes minutes or hangs.
+MAX_VIRTUAL_DEVICES = 4096
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -75,6 +79,20 @@ def mesh_sizes(config_mesh: dict[str, int], overrides: dict[str, int | None]) ->
     if bad:
         raise ValueError(f"mesh sizes {bad} must be >= 1 (or -1, planned as 1)")
     return {axis: 1 if size == -1 else size for axis, size in sizes.items()}
+
+
+def check_device_budget(sizes: dict[str, int], available: int, budget: int) -> int:
+    """The mesh's device count, if this process has that many devices or may make that many
+    virtual ones (`budget`); else an error naming the mesh and the ways out, before any
+    device is made."""
+    n_devices = math.prod(sizes.values())
+    if n_devices > max(available, budget):
+        raise ValueError(f"mesh {sizes} needs {n_devices} devices; this process has "
+                         f"{available} and makes at most --max_virtual_devices={budget} "
+                         "virtual CPU devices: plan a smaller mesh (the data axis changes per-"
+                         "device figures only through --per_device_batch, so --mesh.data=1 "
+                         "plans the same rows), or raise --max_virtual_devices")
+    return n_devices
 
 
 def global_batch(config: runconfig.CascadeConfig, sizes: dict[str, int],
@@ -246,14 +264,14 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     config = runconfig.cascade_config(f.config)  # every config error before any device exists
     sizes = mesh_sizes(config.mesh.sizes(), f.mesh.to_dict())
-    n_devices = math.prod(sizes.values())
+    n_devices = check_device_budget(sizes, jax.device_count(), f.max_virtual_devices)
     if n_devices > jax.device_count():
         if os.environ.get(_SUBPROCESS_ENV):
             raise RuntimeError(f"still {jax.device_count()} devices for a {n_devices}-device "
                                "mesh after setting XLA_FLAGS; is XLA_FLAGS overridden?")
         print(f"mesh needs {n_devices} devices, this process has {jax.device_count()}: "
-              f"rerunning on {n_devices} virtual CPU devices (a large model takes 10–60 s a "
-              "compile, several compiles a stage)", flush=True)
+              f"rerunning on {n_devices} virtual CPU devices and waiting for it (a large model "
+              "takes 10–60 s a compile, several compiles a stage)", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, "-m", "experiments.plan", *sys.argv[1:]],
                               env=_subprocess_env(n_devices), check=False)
         sys.exit(done.returncode)

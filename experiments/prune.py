@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from cascade_jax import data, hf, loop, model, prune, sharding, steps
+from cascade_jax import data, hf, loop, model, prune, rundir, sharding, steps
 from cascade_jax.config import ModelConfig
 from cascade_jax.hf import carried_config, copy_tokenizer_files
 from cascade_jax.prune import importance as importance_lib
@@ -84,6 +84,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("eval", True, "Report calibration loss of parent and child.")
     flags.DEFINE_integer("seed", 0, "Order of the calibration pieces.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --hf_out.")
+    flags.DEFINE_bool("check_finite", True, "Refuse a parent with NaN/inf weights or FP8 "
+                      "scales of NaN, inf or 0 (--nocheck_finite loads them as they are).")
     flags.DEFINE_bool("keep_vision", False, "A Mistral3ForConditionalGeneration parent: write "
                       "the child as that wrapper (vision tower and projector carried over) "
                       "instead of its text model alone.")
@@ -112,45 +114,32 @@ def check_request(cfg: ModelConfig, target: prune.Target, *, depth_method: str,
     return child
 
 
-def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any) -> None:
-    """The calibration batch must split over the mesh's batch shards."""
+def check_batch(batch_size: int, seq_len: int, calib_batches: int, mesh: Any,
+                max_seq_len: int | None = None) -> None:
+    """The calibration batch must split over the mesh's batch shards, and its rows fit the
+    parent's positions (`max_seq_len`: scores of positions it never saw are meaningless)."""
     if batch_size < 1 or seq_len < 2 or calib_batches < 1:
         raise ValueError(f"need batch_size >= 1, seq_len >= 2, calib_batches >= 1; got "
                          f"{batch_size}, {seq_len}, {calib_batches}")
+    if max_seq_len is not None and seq_len > max_seq_len:
+        raise ValueError(f"--seq_len={seq_len} exceeds the parent's max_position_embeddings="
+                         f"{max_seq_len}; score rows of at most --seq_len={max_seq_len}")
     sharding.check_batch_split(batch_size, mesh)
 
 
 def _ours(name: str) -> bool:
     """A file a previous `experiments.prune` run writes into its output directory."""
-    return (name in (hf.CONFIG_FILE, hf.INDEX_FILE, RECORD_FILE, *hf.TOKENIZER_FILES,
-                     *hf.PROCESSOR_FILES)
-            or name.endswith(".safetensors") or (name.startswith("prune_")
-                                                 and name.endswith(".npy")))
+    return (hf.is_saved_file(name) or name == RECORD_FILE
+            or (name.startswith("prune_") and name.endswith(".npy")))
 
 
 def check_output(path: str, overwrite: bool, hf_in: str) -> None:
     """`--hf_out` must be new or empty; `--overwrite` replaces only a previous output of this
     tool (it has `prune_record.json` and nothing but the files we write), never the parent, a
-    directory holding the parent, or anything else."""
-    out, parent = Path(path).resolve(), Path(hf_in).resolve()
-    if out == parent or out in parent.parents or parent in out.parents:
-        raise ValueError(f"--hf_out={path} is, holds or lies inside the parent's directory "
-                         f"--hf_in={hf_in}; a child never overwrites its parent: choose a "
-                         "directory outside it")
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"--hf_out={path} is a file; choose a directory path")
-    if not overwrite:
-        raise FileExistsError(f"--hf_out={path} exists and is not empty; pass --overwrite to "
-                              "replace a previous experiments.prune output, or choose a new "
-                              "directory")
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name))
-    if not (out / RECORD_FILE).exists() or foreign:
-        why = (f"it holds files this tool never writes ({', '.join(foreign[:5])})" if foreign
-               else f"it has no {RECORD_FILE}, so it is not an experiments.prune output")
-        raise FileExistsError(f"--overwrite refuses --hf_out={path}: {why}; choose a new "
-                              "directory or empty it yourself")
+    directory holding the parent, a run directory, or anything else."""
+    rundir.check_output(path, flag="--hf_out", tool="experiments.prune", marker=RECORD_FILE,
+                        ours=_ours, overwrite=overwrite,
+                        protected={hf_in: "the parent's directory --hf_in"})
 
 
 # ------------------------------------------------------------------------- calibration
@@ -244,13 +233,14 @@ def run(hf_in: str, hf_out: str, calib: str, target: prune.Target, *,
         seq_len: int = 512, batch_size: int = 8, importance_out: str | None = None,
         dtype: str | None = None, compute_dtype: str = "float32", evaluate: bool = True,
         seed: int = 0, mesh_sizes: dict[str, int] | None = None, overwrite: bool = False,
-        progress: bool = True, keep_vision: bool = False) -> dict[str, Any]:
+        progress: bool = True, keep_vision: bool = False, check_finite: bool = True
+        ) -> dict[str, Any]:
     """Score, prune and save (module docstring); returns what the table shows, and more."""
     cfg = hf.read_config(hf_in).replace(dtype=compute_dtype)
     child_cfg = check_request(cfg, target, depth_method=depth_method, head_method=head_method,
                               hidden_method=hidden_method)
     mesh = sharding.make_mesh(**(mesh_sizes or {"data": -1}))
-    check_batch(batch_size, seq_len, calib_batches, mesh)
+    check_batch(batch_size, seq_len, calib_batches, mesh, cfg.max_seq_len)
     shardings = sharding.param_shardings(cfg, mesh)
     sharding.param_shardings(child_cfg, mesh)  # the child must fit the mesh too
     check_output(hf_out, overwrite, hf_in)
@@ -262,7 +252,8 @@ def run(hf_in: str, hf_out: str, calib: str, target: prune.Target, *,
                                   batch_size=batch_size, calib_batches=calib_batches, seed=seed)
 
     start = time.perf_counter()
-    loaded_cfg, params = hf.load(hf_in, dtype=dtype, shardings=shardings)
+    loaded_cfg, params = hf.load(hf_in, dtype=dtype, shardings=shardings,
+                                 check_finite=check_finite)
     cfg = loaded_cfg.replace(dtype=compute_dtype)
     load_s, start = time.perf_counter() - start, time.perf_counter()
     scores = prune.estimate_importance(cfg, params, iter(batches), mesh=mesh,
@@ -317,7 +308,7 @@ def main(argv: list[str]) -> None:
         calib_batches=f.calib_batches, seq_len=f.seq_len, batch_size=f.batch_size,
         importance_out=f.importance_out, dtype=f.dtype, compute_dtype=f.compute_dtype,
         evaluate=f.eval, seed=f.seed, mesh_sizes=f.mesh.to_dict(), overwrite=f.overwrite,
-        keep_vision=f.keep_vision)
+        keep_vision=f.keep_vision, check_finite=f.check_finite)
     print(summary_table(summary))
     print(f"\n{summary['calib_batches']} calibration batches, {summary['calib_tokens']:,} "
           f"tokens; load {summary['load_s']:.1f} s, importance {summary['importance_s']:.1f} s, "

@@ -387,3 +387,107 @@ def test_prune_refuses_scores_of_another_model_of_the_same_shape(params):
     out = prune.prune(CFG, params, scores, target, check_fingerprint=False)  # knowingly
     assert out.cfg.d_ff == 8
     assert prune.prune(CFG, other, scores, target).cfg.d_ff == 8  # their own params pass
+
+
+# ------------------------------------------------- config.json types, weights, FP8 scales
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tie_word_embeddings": "false"}, r"tie_word_embeddings='false' must be True or False"),
+    ({"vocab_size": "16"}, r"vocab_size='16' must be a positive integer"),
+    ({"num_hidden_layers": 2.0}, r"num_hidden_layers=2.0 must be a positive integer"),
+    ({"rms_norm_eps": float("nan")}, r"rms_norm_eps=nan must be a finite number > 0"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": "4"}},
+     r"rope_parameters factor='4' must be a finite number"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                          "truncate": "false", "original_max_position_embeddings": 512}},
+     r"rope_parameters truncate='false' must be True or False"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 0.5,
+                          "original_max_position_embeddings": 512}},
+     r"must have factor >= 1 \(as transformers requires\)"),
+])
+def test_hf_config_json_values_are_typed_and_in_range(tmp_path, tree_hash, change, message):
+    root = _hf_dir(tmp_path)
+    config = json.loads((root / hf.CONFIG_FILE).read_text())
+    _write(root / hf.CONFIG_FILE, json.dumps({**config, **change}))
+    _refused(tree_hash, root, ValueError, message, hf.read_config, str(root))
+
+
+def _saved(tmp_path, change=None):
+    """CFG saved as an HF directory, with `change(tensors)` applied to its safetensors."""
+    from safetensors.numpy import load_file, save_file
+
+    root = hf.save(CFG, _random_params(0), tmp_path / "hf")
+    if change is not None:
+        tensors = load_file(root / hf.SINGLE_FILE)
+        change(tensors)
+        save_file(tensors, str(root / hf.SINGLE_FILE), metadata={"format": "pt"})
+    return root
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor_unless_allowed(tmp_path, tree_hash):
+    def poison(tensors):
+        tensors["model.layers.1.mlp.up_proj.weight"][3, 2] = np.nan
+
+    root = _saved(tmp_path, poison)
+    _refused(tree_hash, root, ValueError,
+             rf"{re.escape(str(root))}: layers/mlp/w_up \(block .*\) holds a non-finite value: "
+             r"nan at index \(1, 2, 3\); the file is damaged.*check_finite=False",
+             hf.load, str(root))
+    _, params = hf.load(str(root), check_finite=False)  # the opt-out: as stored
+    assert np.isnan(np.asarray(params["layers"]["mlp"]["w_up"])).sum() == 1
+
+
+@pytest.mark.parametrize("scale, shown", [(np.nan, "nan"), (0.0, "0.0")])
+def test_fp8_scales_of_nan_or_zero_are_refused_naming_them(tmp_path, tree_hash, scale, shown):
+    import ml_dtypes
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def quantize(tensors):
+        tensors[name] = tensors[name].astype(ml_dtypes.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = np.asarray(scale, np.float32)
+
+    root = _saved(tmp_path, quantize)
+    config = json.loads((root / hf.CONFIG_FILE).read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": None,
+                                     "activation_scheme": "dynamic"}
+    _write(root / hf.CONFIG_FILE, json.dumps(config))
+    _refused(tree_hash, root, ValueError,
+             rf"{re.escape(name)}_scale_inv holds NaN, infinite or 0 scales \(a 0 would zero "
+             rf"its weights\): {shown}", hf.load, str(root))
+    hf.load(str(root), check_finite=False)  # the opt-out reads it as stored
+
+
+# ------------------------------------------------------- checkpoint steps, calibration rows
+
+
+@pytest.mark.parametrize("step", [-1, 2.0, True])
+def test_a_checkpoint_step_that_could_never_be_listed_is_refused(tmp_path, step):
+    from cascade_jax import checkpoint
+
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"step={step!r} must be a non-negative integer"):
+        checkpoint.save(str(tmp_path / "ckpt"), step, {"x": np.zeros(2, np.float32)})
+    assert checkpoint.all_steps(tmp_path / "ckpt") == []
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_calibration_rows_longer_than_the_parents_positions_are_refused():
+    from cascade_jax import sharding
+    from experiments import prune as prune_main
+
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"--seq_len=64 exceeds the parent's "
+                                         r"max_position_embeddings=32; score rows of at most "
+                                         r"--seq_len=32"):
+        prune_main.check_batch(8, 64, 1, mesh, 32)
+    prune_main.check_batch(8, 32, 1, mesh, 32)
+
+
+def test_the_roots_finite_check_opt_out_is_a_boolean():
+    from cascade_jax import runconfig
+
+    with pytest.raises(ValueError, match=r"config.root.check_finite='no' must be True or False"):
+        runconfig._root({"kind": "hf", "path": "x", "check_finite": "no"})
+    assert not runconfig._root({"kind": "hf", "path": "x", "check_finite": False}).check_finite

@@ -4,6 +4,7 @@ changed (a hash of the directory before and after). The file and API inputs are 
 `tests/test_bad_inputs.py`."""
 
 import errno
+import json
 import os
 import pathlib
 import subprocess
@@ -20,6 +21,7 @@ from cascade_jax import (
     checkpoint,
     loop,
     model,
+    objectives,
     rundir,
     sharding,
     steps,
@@ -290,3 +292,94 @@ def test_a_nan_run_never_checkpoints_a_non_finite_state(corpus_dir, tmp_path):
         params = checkpoint.restore(ckpt_dir, {"params": target}, step=step,
                                     partial=True).state["params"]
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"is not a readable cascade_jax lock \(.*is not valid JSON"),
+    ("pid 12", r"is not a readable cascade_jax lock"),
+    ('{"pid": "12", "host": "h"}', r"is not a cascade_jax lock \(it holds"),
+    ("[1, 2]", r"is not a cascade_jax lock \(it holds"),
+    (None, r"is a directory, so it is not a cascade_jax lock: remove it"),
+    ("unreadable", r"is not a readable cascade_jax lock \(.*Permission denied.*\); if no run "
+                   r"is using .*, delete"),
+])
+def test_a_lock_file_that_is_no_lock_is_refused_naming_it_never_waited_on(
+        tmp_path, tree_hash, monkeypatch, content, message):
+    monkeypatch.setattr(rundir, "_TORN_S", 0.2)  # how long a torn lock may take to finish
+    lock = tmp_path / rundir.LOCK_FILE
+    if content is None:
+        lock.mkdir()
+    else:
+        lock.write_text(content)
+    if content == "unreadable":  # as chmod 000 would make it for anyone but root
+        def unreadable(path, *args):
+            raise PermissionError(13, "Permission denied", path)
+        monkeypatch.setattr(rundir.files, "read_json", unreadable)
+    before = tree_hash(tmp_path)
+    start = time.monotonic()
+    with (pytest.raises(rundir.WorkdirError, match=rf"{lock} {message}"),
+          rundir.lock(str(tmp_path))):
+        pass
+    assert time.monotonic() - start < 10
+    assert tree_hash(tmp_path) == before
+
+
+# ------------------------------------------------------------------- checks before work
+
+
+def test_every_jsonl_a_stage_names_is_checked_before_the_root_trains(corpus_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    workdir = tmp_path / "run"
+    config = cascade_config(corpus_dir, str(workdir))
+    del config.stages.child["kd"]
+    config.stages.child.objective = "preference"
+    config.stages.child.preference = dict(source=str(pairs))
+    line = {"prompt": "def f(", "chosen": "x): pass", "rejected": "):", "score_chosen": 1.0,
+            "score_rejected": 0.0}
+    for bad, message in (({"score_chosen": "1.0"}, r"score_chosen='1.0' must be a finite "
+                                                   r"number"),
+                         ({"score_rejected": float("nan")}, r"score_rejected=nan must be a "
+                                                            r"finite number"),
+                         ({"chosen": 3}, r"has no string field 'chosen'")):
+        pairs.write_text(json.dumps(line) + "\n" + json.dumps({**line, **bad}) + "\n")
+        with pytest.raises(ValueError, match=rf"config.stages.child: {pairs}:2 {message}"):
+            cascade.run(config, progress=False)
+        assert not workdir.exists() or rundir.read_owner(str(workdir)) is None
+
+
+def test_the_shipped_configs_take_the_documented_keys_from_the_command_line(tmp_path):
+    """README documents `seq_kd.source` and `preference.source`: each shipped config's stages
+    of those objectives take them as command-line overrides (a locked ConfigDict refuses a key
+    it lacks), and a bad sampling temperature is reported under its own key."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_reasoning",
+                                                  REPO / "configs" / "tiny_reasoning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key in ("child_seq_kd.seq_kd.source", "child_kd_instruct.preference.source"):
+        config = module.get_config("quick")
+        config.lock()  # as --config=... does: `--config.<key>=...` may only set existing keys
+        stage, objective, field = key.split(".")
+        config.stages[stage][objective][field] = str(tmp_path / "t.jsonl")
+        assert config.stages[stage][objective][field] == str(tmp_path / "t.jsonl")
+    preference = objectives.get("preference")
+    for block, message in ((dict(judge="model", judge_temperature="0"),
+                            r"judge_temperature='0' must be a finite number >= 0"),
+                           (dict(sample_temperature=-1.0),
+                            r"sample_temperature=-1.0 must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=rf"stages.i.preference: {message}"):
+            preference.parse_settings(block, "stages.i.preference")
+    for name in ("grpo", "on_policy"):
+        with pytest.raises(ValueError, match=r"sample_temperature=nan must be a finite"):
+            objectives.get(name).parse_settings(dict(sample_temperature=float("nan")), name)
+
+
+def test_a_cli_that_waits_says_so_on_stderr(monkeypatch, capsys):
+    """--multihost blocks in jax.distributed.initialize() until every process has started:
+    the user sees why nothing happens."""
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: joined.append(True))
+    common.start(True)
+    assert joined == [True]
+    assert "waits until every process of the job has started" in capsys.readouterr().err

@@ -131,12 +131,18 @@ def test_target_bigger_than_parent_fails_before_any_work(parent, tmp_path, monke
     with pytest.raises(ValueError, match=r"d_model=32 < 64 but hidden_method=None cannot prune"):
         prune_main.run(str(hf_in), str(tmp_path / "child"), calib,
                        prune.Target(d_model=32), hidden_method=None, mesh_sizes=MESH)
+    with pytest.raises(ValueError, match=r"--seq_len=512 exceeds the parent's "
+                                         r"max_position_embeddings=64"):
+        prune_main.run(str(hf_in), str(tmp_path / "child"), calib, prune.Target(d_ff=64),
+                       mesh_sizes=MESH)
     with pytest.raises(ValueError, match=r"is, holds or lies inside the parent.s directory"):
-        prune_main.run(str(hf_in), str(hf_in), calib, prune.Target(d_ff=64), mesh_sizes=MESH)
+        prune_main.run(str(hf_in), str(hf_in), calib, prune.Target(d_ff=64), mesh_sizes=MESH,
+                       seq_len=32)
     with pytest.raises(ValueError, match="layers/attn/wk has a dimension of 1 sharded 2 ways"):
         # the child must fit the mesh too
         prune_main.run(str(hf_in), str(tmp_path / "child"), calib,
-                       prune.Target(n_kv_heads=1), head_method="kv_groups", mesh_sizes=MESH)
+                       prune.Target(n_kv_heads=1), head_method="kv_groups", mesh_sizes=MESH,
+                       seq_len=32)
     assert not (tmp_path / "child").exists()
 
 
@@ -171,7 +177,7 @@ def test_keep_vision_writes_the_wrapper_again(parent, tmp_path):
     text_dir, calib = parent
     with pytest.raises(ValueError, match="--keep_vision needs a Mistral3ForConditionalGeneration"):
         prune_main.run(str(text_dir), str(tmp_path / "no"), calib, prune.Target(d_ff=64),
-                       keep_vision=True)
+                       keep_vision=True, seq_len=32)
     text = MistralConfig(**{k: v for k, v in PARENT.items() if k != "attn_implementation"})
     vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, head_dim=8, image_size=16, patch_size=4)

@@ -5,6 +5,12 @@ grandchild comes out as the wrapper again (its projector mapped through both cut
 text model, each with parity in `transformers`."""
 
 import copy
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -18,7 +24,7 @@ from transformers import (
     PixtralVisionConfig,
 )
 
-from cascade_jax import cascade, export, hf, model, sharding
+from cascade_jax import cascade, checkpoint, export, hf, model, rundir, sharding
 from tests.test_cascade import tiny_config
 from tests.test_hf_roots import (
     _VISION,
@@ -28,6 +34,8 @@ from tests.test_hf_roots import (
     _logits,
     _projector,
 )
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +116,83 @@ def test_bad_exports_are_refused_naming_the_fix(run, tmp_path):
         export.export(workdir, "nephew", tmp_path / "x")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(FileExistsError, match=r"--out=.*taken exists and is not empty"):
         export.export(workdir, "child", tmp_path / "taken", vision=False)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_export_records_its_source_and_replaces_only_a_previous_export(run, tmp_path):
+    workdir, _, _ = run
+    out = export.export(workdir, "child", tmp_path / "out", vision=False)
+    record = json.loads((out / export.EXPORT_FILE).read_text())
+    directory = f"{workdir}/child/checkpoints"
+    assert record == {"tool": export.TOOL, "workdir": workdir, "stage": "child",
+                      "step": checkpoint.latest_step(directory), "finished": True,
+                      "fingerprint": checkpoint.fingerprint(directory)}
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace a previous"):
+        export.export(workdir, "child", out, vision=False)
+    export.export(workdir, "grandchild", out, vision=False, overwrite=True)
+    assert json.loads((out / export.EXPORT_FILE).read_text())["stage"] == "grandchild"
+
+
+def test_export_never_writes_over_the_run_a_stage_a_checkpoint_or_foreign_files(
+        run, tmp_path, tree_hash):
+    """The three data-loss cases of `--overwrite` (the run's own workdir, a stage, a directory
+    of unrelated files), a checkpoint and another run's stage: refused, nothing changed."""
+    workdir, root_dir, _ = run
+    other_stage = tmp_path / "other_run" / "child"
+    other_stage.mkdir(parents=True)
+    rundir.mark_stage(str(other_stage), run=str(other_stage.parent), stage="child")
+    (other_stage / "result.json").write_text("{}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "config.json").write_text("{}")
+    before = {p: tree_hash(p) for p in (workdir, root_dir, tmp_path)}
+    for out, owner in (
+            (workdir, rf"is, holds or lies inside the cascade run's directory --workdir "
+                      rf"\({workdir}\)"),
+            (f"{workdir}/child", "is, holds or lies inside the cascade run's directory"),
+            (f"{workdir}/child/checkpoints", "is, holds or lies inside the cascade run's"),
+            (root_dir, r"is, holds or lies inside the run's root model"),
+            (other_stage, rf"{other_stage}, which holds stage 'child' of the cascade run in "),
+            (other_stage / "checkpoints", r"which holds stage 'child' of the cascade run"),
+            (mine, r"holds files this tool never writes \(thesis.tex\)")):
+        with pytest.raises((ValueError, FileExistsError), match=rf"--out={out}.*{owner}"):
+            export.export(workdir, "grandchild", out, vision=False, overwrite=True)
+    assert {p: tree_hash(p) for p in (workdir, root_dir, tmp_path)} == before
+
+
+def test_the_cli_refuses_the_runs_own_workdir_naming_it(run, tree_hash):
+    workdir, _, _ = run
+    before = tree_hash(workdir)
+    done = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
+                           "--stage=child", f"--out={workdir}", "--overwrite"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: WorkdirError: --out={workdir} is, holds or lies inside the cascade run's "
+        f"directory --workdir ({workdir}); cascade_jax.export never writes over it: choose a "
+        "directory outside it")
+    assert tree_hash(workdir) == before
+
+
+def test_an_unfinished_stage_is_exported_only_by_step(run, tmp_path):
+    workdir, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    (copy / "grandchild" / "result.json").unlink()
+    steps = checkpoint.all_steps(copy / "grandchild" / "checkpoints")
+    with pytest.raises(ValueError, match=rf"stage 'grandchild' of the run in {copy} is "
+                                         rf"unfinished .*newest checkpoint is step {steps[-1]}"
+                                         r".*--step=<step>"):
+        export.export(str(copy), "grandchild", tmp_path / "out", vision=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"step=7 is not a complete checkpoint .* complete "
+                                         rf"steps are {re.escape(str(steps))}"):
+        export.export(str(copy), "grandchild", tmp_path / "out", vision=False, step=7)
+    out = export.export(str(copy), "grandchild", tmp_path / "out", vision=False, step=steps[0])
+    record = json.loads((out / export.EXPORT_FILE).read_text())
+    assert (record["step"], record["finished"]) == (steps[0], False)
+    assert record["fingerprint"] == checkpoint.fingerprint(
+        copy / "grandchild" / "checkpoints", steps[0])

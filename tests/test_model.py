@@ -161,8 +161,9 @@ def test_forward_matches_numpy_reference(changes):
                     attention_factor=1.25),
     # Only mscale set (mscale_all_dim None): the plain mscale(factor) rule.
     YarnRopeScaling(2.0, 64, mscale=0.7),
-    # A factor below 1 scales nothing; a ramp of zero width (low == high) is guarded.
-    YarnRopeScaling(0.5, 8, beta_fast=1.0, beta_slow=0.9),
+    # A factor of 1 scales nothing (below 1 is refused, as transformers does); a ramp of zero
+    # width (low == high) is guarded.
+    YarnRopeScaling(1.0, 8, beta_fast=1.0, beta_slow=0.9),
 ], ids=["ministral3", "qwen3", "untruncated", "mscale_only", "degenerate"])
 def test_yarn_frequencies_and_attention_scale_match_float64_numpy(scaling):
     for head_dim, theta in ((128, 1e6), (16, 1e4)):

@@ -4,6 +4,9 @@ rules, FLOPs are positive, grow with the batch, and equal a fully unrolled compi
 """
 
 import math
+import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -13,6 +16,7 @@ from cascade_jax import aot, cascade, runconfig, sharding
 from cascade_jax.config import ModelConfig
 from experiments import plan
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 ROOT = dict(vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
             d_ff=128, tie_embeddings=False, max_seq_len=32)
@@ -203,3 +207,17 @@ def test_a_ministral3_context_stage_plans_at_262k_on_an_abstract_mesh():
     assert row["argument_bytes"] == pytest.approx(row["state_bytes"] + row["batch_bytes"],
                                                   rel=1e-3)
     assert 0 < row["temp_bytes"] < 200 * 2**30
+
+
+def test_a_mesh_beyond_the_virtual_device_budget_is_refused_before_any_device(tmp_path):
+    sizes = {"data": 1, "fsdp": 100_000, "tensor": 1}
+    with pytest.raises(ValueError, match=r"needs 100000 devices; this process has 8 and makes "
+                                         r"at most --max_virtual_devices=4096"):
+        plan.check_device_budget(sizes, 8, 4096)
+    assert plan.check_device_budget({"data": 2, "fsdp": 64, "tensor": 1}, 8, 4096) == 128
+    done = subprocess.run([sys.executable, "-m", "experiments.plan",
+                           "--config=configs/tiny_cascade.py", "--mesh.fsdp=100000"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "needs 100000 devices" in done.stderr.strip().splitlines()[-1]
+    assert "rerunning" not in done.stdout + done.stderr

@@ -20,6 +20,7 @@ from cascade_jax import (
     objectives,
     prompts,
     runconfig,
+    rundir,
     sharding,
     steps,
     tasks,
@@ -130,6 +131,7 @@ def test_teacher_samples_killed_mid_write_resume_with_every_row_once(tmp_path, m
     assert manifest["dropped"]["correct"] == 20 - correct
     stored = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert stored == manifest
+    teacher_data.check_rows(resumed, TOKENIZER, CFG.vocab_size)  # ids decode to the text
     for row in resumed:  # the verifier's judgement, and the exact ids, as written
         assert row.correct == TASK.score(row.prompt, row.completion).correct
         assert TOKENIZER.decode([t for t in row.completion_ids if t != EOS]) == row.completion
@@ -326,3 +328,47 @@ def test_sampling_stages_resume_bit_identically_after_kill_9_at_each(tmp_path):
         y = json.loads((killed / x["stage"] / "result.json").read_text())
         assert {k: v for k, v in x.items() if k not in ("wall_s", "fingerprint")} == {
             k: v for k, v in y.items() if k not in ("wall_s", "fingerprint")}
+
+
+def test_teacher_jsonl_values_are_typed_and_checked_against_the_tokenizer(tmp_path):
+    """No truthiness ("false" is not false), no digits read one by one, no ids outside the
+    vocabulary or of another text: each refused naming the file and line, before training."""
+    path = tmp_path / "teacher.jsonl"
+    ids = TOKENIZER.encode("1+2=3;#3").ids
+    good = {"prompt": "1+2=", "completion": "1+2=3;#3", "completion_ids": ids}
+
+    path.write_text("")
+    seq_kd = objectives.get("seq_kd")
+    settings = seq_kd.parse_settings({"source": str(path)}, "config.stages.s.seq_kd")
+
+    def refused(change, message):
+        """What `cascade.run` checks before the root trains (objectives.check_files)."""
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+        with pytest.raises(ValueError, match=rf"config.stages.s: .*{message}"):
+            objectives.check_files("seq_kd", settings, TOKENIZER, seq_len=SEQ_LEN,
+                                   vocab_size=CFG.vocab_size, key="config.stages.s")
+
+    refused({"correct": "false"}, r"teacher.jsonl:2 correct='false' must be True or False")
+    refused({"well_formed": 1}, r"teacher.jsonl:2 well_formed=1 must be True or False")
+    refused({"completion_ids": "123"}, r"teacher.jsonl:2 completion_ids='123' must be a list "
+                                       r"of integers")
+    refused({"sample": -1}, r"teacher.jsonl:2 sample=-1 must be a non-negative integer")
+    refused({"completion_ids": [*ids[:-1], 999]},
+            r"teacher.jsonl:2 completion_ids: token id 999 at position \d+ is outside the "
+            r"vocabulary \[0, 24\); give ids of the student's tokenizer")
+    refused({"completion_ids": TOKENIZER.encode("1+2=4;#4").ids},
+            r"teacher.jsonl:2: completion_ids decode to '1\+2=4;#4', not the line's completion "
+            r"'1\+2=3;#3'")
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "completion_ids": None})
+                    + "\n")
+    pairs = teacher_data.training_pairs(teacher_data.read(str(path)), TOKENIZER)
+    assert [c[:-1].tolist() for c in pairs.completions] == [ids, ids]
+
+
+def test_teacher_samples_without_their_spec_are_not_adopted(tmp_path, tree_hash):
+    (tmp_path / "part-00000.jsonl").write_text('{"prompt": "1+2=", "completion": "#3"}\n')
+    before = tree_hash(tmp_path)
+    with pytest.raises(rundir.WorkdirError, match=r"holds teacher samples \(part-00000.jsonl\) "
+                                                  r"but no spec.json: .* not adopted; delete"):
+        _write(tmp_path, TASK.make_problems("train", 4, 0))
+    assert tree_hash(tmp_path) == before

@@ -17,6 +17,8 @@ together in one step, each on CE plus α·KL to its peers' mean prediction). See
 
 from __future__ import annotations
 
+from typing import Any
+
 from cascade_jax.objectives.base import Built, GroupBuilt, Objective, StageContext, Trained
 
 _REGISTRY: dict[str, Objective] = {}
@@ -84,6 +86,21 @@ def trains_on_teacher(objective_name: str, settings: object) -> bool:
     return objective.uses_teacher if teacher_used is None else bool(teacher_used(settings))
 
 
+def check_files(objective_name: str, settings: object, tokenizer: Any, *, seq_len: int,
+                vocab_size: int, key: str) -> None:
+    """Open and validate every file a stage's settings name (a seq_kd or preference JSONL),
+    against the run's tokenizer and the student's vocabulary, before any stage trains: the
+    objective's optional `check_files(settings, tokenizer, seq_len=..., vocab_size=...)`.
+    Errors are prefixed with `key`."""
+    check = getattr(get(objective_name), "check_files", None)
+    if check is None:
+        return
+    try:
+        check(settings, tokenizer, seq_len=seq_len, vocab_size=vocab_size)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from error
+
+
 def group_of(objective_name: str, settings: object) -> str | None:
     """The group a stage trains in (its settings' `group` when its objective has
     `groups = True`), or None: a stage trained alone."""
@@ -94,5 +111,6 @@ def group_of(objective_name: str, settings: object) -> str | None:
 
 _register_builtins()
 
-__all__ = ["Built", "GroupBuilt", "Objective", "StageContext", "Trained", "get", "group_of",
+__all__ = ["Built", "GroupBuilt", "Objective", "StageContext", "Trained", "check_files", "get",
+           "group_of",
            "names", "register", "trains_on_teacher", "unregister"]

@@ -102,6 +102,7 @@ class Settings:
                               "rounds of sampling per step with dynamic_sampling, first included")
         validate.optional_positive_int("chunk_size", self.chunk_size,
                                        "or None: whole-sequence logits")
+        validate.temperature("sample_temperature", self.sample_temperature)
         generate.SamplingParams(1, temperature=self.sample_temperature, top_p=self.top_p)
         if self.reward == "verifier" and self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} with reward='verifier': a group of "

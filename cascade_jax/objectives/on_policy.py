@@ -65,6 +65,7 @@ class Settings:
         validate.optional_positive_int("max_new_tokens", self.max_new_tokens,
                                        "or None: what the row leaves after the prompt")
         validate.optional_positive_int("prompts", self.prompts, "or None: the whole split")
+        validate.temperature("sample_temperature", self.sample_temperature)
         generate.SamplingParams(1, temperature=self.sample_temperature, top_p=self.top_p)
 
 

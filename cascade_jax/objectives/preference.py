@@ -151,6 +151,7 @@ class Settings:
                         "'logprob' compares the labels' log-probs, without sampling")
         validate.positive_int("judge_max_new_tokens", self.judge_max_new_tokens,
                               "a few tokens: the verdict label")
+        validate.temperature("judge_temperature", self.judge_temperature)
         generate.SamplingParams(self.judge_max_new_tokens, temperature=self.judge_temperature)
         if self.judge != "model":
             fields = {f.name: f.default for f in dataclasses.fields(self)}
@@ -173,6 +174,7 @@ class Settings:
         validate.optional_positive_int("prompts", self.prompts, "or None: the whole split")
         validate.optional_positive_int("chunk_size", self.chunk_size,
                                        "or None: whole-sequence logits")
+        validate.temperature("sample_temperature", self.sample_temperature)
         generate.SamplingParams(1, temperature=self.sample_temperature, top_p=self.top_p)
 
 
@@ -349,6 +351,9 @@ def read_offline_pairs(path: str, tokenizer: Any, *, seq_len: int, need_scores: 
     for i, (line, record) in enumerate(records):
         where = f"{path}:{line}"
         scores = [record.get("score_chosen"), record.get("score_rejected")]
+        for name, score in zip(("score_chosen", "score_rejected"), scores, strict=True):
+            if score is not None:
+                validate.number(f"{where} {name}", score)
         given = [isinstance(s, int | float) and not isinstance(s, bool) for s in scores]
         if need_scores and not all(given):
             raise ValueError(f"{where} has no numeric score_chosen and score_rejected; "
@@ -403,6 +408,15 @@ class Preference:
 
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
         return parse(block, key)
+
+    def check_files(self, settings: Settings, tokenizer: Any, *, seq_len: int,
+                    vocab_size: int) -> None:
+        """`source`'s pairs, read and checked line by line, before any work (their ids come
+        from `tokenizer`, whose vocabulary the run checks against the models')."""
+        del vocab_size
+        if settings.source:
+            read_offline_pairs(settings.source, tokenizer, seq_len=seq_len,
+                               need_scores=settings.loss == "odpo")
 
     def build(self, ctx: StageContext) -> Built:
         from cascade_jax import data, prompts

@@ -83,6 +83,16 @@ class SequenceKD(CrossEntropy):
     def parse_settings(self, block: Mapping[str, Any], key: str) -> Settings:
         return validate.construct(Settings, block, key)
 
+    def check_files(self, settings: Settings, tokenizer: Any, *, seq_len: int,
+                    vocab_size: int) -> None:
+        """`source`'s rows, typed and checked against the run's tokenizer and the student's
+        vocabulary, before any work."""
+        from cascade_jax import teacher_data
+
+        del seq_len  # rows longer than seq_len are cut, as any CE data
+        if settings.source:
+            teacher_data.check_rows(teacher_data.read(settings.source), tokenizer, vocab_size)
+
     def build(self, ctx: StageContext) -> Built:
         from cascade_jax import data, prompts, teacher_data
 
@@ -105,6 +115,7 @@ class SequenceKD(CrossEntropy):
                 teacher=ctx.teacher.fingerprint or ctx.teacher.name, mesh=ctx.mesh,
                 prompts_per_part=settings.prompts_per_part)
             rows = teacher_data.read(directory)
+        teacher_data.check_rows(rows, ctx.tokenizer, ctx.student.vocab_size)
         rows = teacher_data.judged(rows, ctx.task)
         pairs = teacher_data.training_pairs(rows, ctx.tokenizer, keep=settings.keep,
                                             answers_only=settings.answers_only,
