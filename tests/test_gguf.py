@@ -264,3 +264,55 @@ def test_load_onto_a_mesh_places_each_shard_with_the_same_values(written):
         assert value.sharding == flat_shardings[name], name
         np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_plain[name]))
     assert max(value.sharding.num_devices for value in flat_placed.values()) > 1
+
+
+def _minimal_llama(path: Path, *, block_count=1, embedding=None) -> Path:
+    """A one-layer llama GGUF of F32 tensors; `block_count` and `embedding` to spoil it."""
+    d, f, v = 8, 16, 32
+    writer = gguf_py.GGUFWriter(str(path), "llama")
+    if isinstance(block_count, str):
+        writer.add_string("llama.block_count", block_count)
+    else:
+        writer.add_block_count(block_count)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(f)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(v)
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": embedding if embedding is not None
+               else rng.normal(size=(v, d)), "output_norm.weight": np.ones(d),
+               "blk.0.attn_norm.weight": np.ones(d), "blk.0.ffn_norm.weight": np.ones(d),
+               "blk.0.attn_q.weight": rng.normal(size=(d, d)),
+               "blk.0.attn_k.weight": rng.normal(size=(4, d)),
+               "blk.0.attn_v.weight": rng.normal(size=(4, d)),
+               "blk.0.attn_output.weight": rng.normal(size=(d, d)),
+               "blk.0.ffn_gate.weight": rng.normal(size=(f, d)),
+               "blk.0.ffn_up.weight": rng.normal(size=(f, d)),
+               "blk.0.ffn_down.weight": rng.normal(size=(d, f))}
+    for name, value in tensors.items():
+        writer.add_tensor(name, np.asarray(value, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_metadata_of_the_wrong_type_is_an_error_naming_the_key(tmp_path):
+    cfg, _ = hf.load(_minimal_llama(tmp_path / "ok.gguf"))
+    assert (cfg.n_layers, cfg.d_model, cfg.head_dim, cfg.n_kv_heads) == (1, 8, 4, 1)
+    with pytest.raises(ValueError, match=r"bad\.gguf: metadata llama\.block_count='1' is a "
+                                         r"str, expected int"):
+        hf.read_config(_minimal_llama(tmp_path / "bad.gguf", block_count="1"))
+
+
+def test_a_non_finite_weight_is_refused_naming_it(tmp_path):
+    embedding = np.zeros((32, 8), np.float32)
+    embedding[3, 5] = np.nan
+    path = _minimal_llama(tmp_path / "nan.gguf", embedding=embedding)
+    with pytest.raises(ValueError, match=r"nan\.gguf.*embed/embedding"):
+        hf.load(path)
+    _, params = hf.load(path, check_finite=False)  # the documented opt-out
+    assert np.isnan(np.asarray(params["embed"]["embedding"])[3, 5])
