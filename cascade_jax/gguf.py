@@ -10,9 +10,9 @@ Why this shape:
 - llama.cpp's converter permutes the rows of q and k for Llama-style models (it stores RoPE's
   two halves interleaved, `LlamaModel.permute` in `convert_hf_to_gguf.py`); `_unpermute`
   undoes that, per head, exactly. Qwen2/Qwen3 files are written without it.
-- Quantized tensors are dequantized one at a time, as they are read (the file itself is
-  memory-mapped by `gguf.GGUFReader`), so host memory holds one float32 tensor beside the
-  params being built.
+- Quantized tensors are dequantized as they are read, only the rows a block needs (GGUF
+  quantizes along rows; the file itself is memory-mapped by `gguf.GGUFReader`), so a
+  device's shard never costs the whole tensor in float32.
 - The tokenizer lives in the metadata (tokens, merges, token types, special ids, template);
   `tokenizer()` rebuilds the byte-level BPE it describes as a `tokenizers.Tokenizer` that
   encodes as transformers' GGUF tokenizer does, and `chat_template()` returns the template.
@@ -267,10 +267,40 @@ class _Meta:
         return self.dtype
 
 
+class _RowSlice:
+    """A stored tensor indexed like the HF array it stands for, dequantizing only the rows
+    asked for (GGUF quantizes along rows, so a row range is a byte range): a device's shard
+    of a large embedding or projection never needs the whole tensor in float32. `row_map`:
+    HF row → stored row (llama.cpp's q/k permutation), None for the identity."""
+
+    def __init__(self, tensor: Any, shape: tuple[int, ...], row_map: np.ndarray | None,
+                 path: Path):
+        self.tensor, self.shape, self.row_map, self.path = tensor, shape, row_map, path
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        from gguf import quants
+
+        index = index if isinstance(index, tuple) else (index,)
+        rows = np.arange(self.shape[0])[index[0]]
+        stored = rows if self.row_map is None else self.row_map[rows]
+        data = self.tensor.data
+        picked = (data[stored[0]:stored[-1] + 1] if self.row_map is None and len(stored)
+                  else data[stored])
+        try:
+            values = quants.dequantize(picked, self.tensor.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{self.path}: tensor {self.tensor.name!r} has type "
+                             f"{self.tensor.tensor_type.name}, which the installed gguf "
+                             "package cannot dequantize; upgrade gguf, or requantize the "
+                             "file") from e
+        values = np.asarray(values, np.float32).reshape(len(rows), *self.shape[1:])
+        return values[(slice(None), *index[1:])]
+
+
 class Tensors:
     """A GGUF file's tensors under their HF names, as `hf.load` reads a checkpoint: `where`
-    (name → file), `meta(name)`, `slice(name)` (the dequantized HF-layout array; the last one
-    read is kept, so a sharded load reads each tensor once per shard pass)."""
+    (name → file), `meta(name)`, `slice(name)` (indexable like the HF-layout array,
+    dequantizing only the rows a block needs)."""
 
     def __init__(self, path: str | os.PathLike[str], config: Mapping[str, Any]):
         self.path = Path(path)
@@ -292,7 +322,6 @@ class Tensors:
                              "load the file with transformers and save it as safetensors")
         self.where = dict.fromkeys(self._tensors, self.path)
         self.handles = {self.path: None}
-        self._last: tuple[str, np.ndarray] | None = None
 
     def meta(self, name: str) -> _Meta:
         tensor = self._tensors[name]
@@ -309,27 +338,13 @@ class Tensors:
         """The param dtype a tensor implies: its own for F16/BF16, float32 when quantized."""
         return _PLAIN_DTYPES.get(self._tensors[name].tensor_type.name, "float32")
 
-    def slice(self, name: str) -> np.ndarray:
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self._read(name))
-        return self._last[1]
-
-    def _read(self, name: str) -> np.ndarray:
-        from gguf import quants
-
-        tensor = self._tensors[name]
+    def slice(self, name: str) -> _RowSlice:
         shape = self.meta(name).shape
-        try:
-            values = quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as e:
-            raise ValueError(f"{self.path}: tensor {tensor.name!r} has type "
-                             f"{tensor.tensor_type.name}, which the installed gguf package "
-                             "cannot dequantize; upgrade gguf, or requantize the file") from e
-        values = np.asarray(values).reshape(shape)
+        row_map = None
         for proj, heads in self._permute.items():
             if name.endswith(f"self_attn.{proj}.weight"):
-                values = _unpermute(values, heads)
-        return values
+                row_map = _unpermute(np.arange(shape[0]), heads)
+        return _RowSlice(self._tensors[name], shape, row_map, self.path)
 
 
 # ------------------------------------------------------------------------------ tokenizer
