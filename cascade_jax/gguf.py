@@ -284,8 +284,8 @@ class _RowSlice:
         rows = np.arange(self.shape[0])[index[0]]
         stored = rows if self.row_map is None else self.row_map[rows]
         data = self.tensor.data
-        picked = (data[stored[0]:stored[-1] + 1] if self.row_map is None and len(stored)
-                  else data[stored])
+        picked = np.asarray(data[stored[0]:stored[-1] + 1] if self.row_map is None and len(stored)
+                            else data[stored])  # a plain array: numpy.memmap's per-op cost
         try:
             values = quants.dequantize(picked, self.tensor.tensor_type)
         except NotImplementedError as e:
