@@ -196,12 +196,12 @@ def hf_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     n_heads = key("attention.head_count")
     d_model = key("embedding_length")
-    head_dim = key("attention.key_length", required=False)
-    if head_dim is None:
-        head_dim = key("rope.dimension_count", required=False) or d_model // max(n_heads, 1)
-    vocab = key("vocab_size", required=False)
-    if vocab is None:
-        vocab = metadata(path).get("tokenizer.ggml.tokens")
+    rotary = key("rope.dimension_count", required=False)
+    head_dim = key("attention.key_length", required=False) or rotary or d_model // max(n_heads, 1)
+    if rotary is not None and rotary != head_dim:
+        raise ValueError(f"{source}: {arch}.rope.dimension_count={rotary} rotates part of a "
+                         f"head of {head_dim}; partial rotary embeddings are not modelled")
+    vocab = key("vocab_size", required=False) or meta.get("tokenizer.ggml.tokens")
     config: dict[str, Any] = {
         "architectures": [arch_name],
         "hidden_size": d_model,
