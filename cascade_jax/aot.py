@@ -118,8 +118,9 @@ class Cost:
 
 def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, micro_batches: int = 1
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The [B, L] int32 batch contract, split over data × fsdp like a real batch."""
-    sharding.check_batch_split(batch_size, mesh, micro_batches)
+    """The [B, L] int32 batch contract, split over data × fsdp (and L over context) like a
+    real batch."""
+    sharding.check_batch_split(batch_size, mesh, micro_batches, seq_len)
     where = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=where)
             for k in BATCH_KEYS}

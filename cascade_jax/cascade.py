@@ -921,11 +921,12 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
     workdir = os.path.abspath(config.workdir)
     mesh = sharding.make_mesh(**config.mesh.sizes())
     for micro in {1, config.cadence.eval_micro_batches, *(s.grad_accum for s in config.stages)}:
-        sharding.check_batch_split(config.data.batch_size, mesh, micro)
+        sharding.check_batch_split(config.data.batch_size, mesh, micro, config.data.seq_len)
     for stage in config.stages:
         if stage.context is not None:
+            rows = stage_data(config, stage)
             for micro in {1, config.cadence.eval_micro_batches, stage.grad_accum}:
-                sharding.check_batch_split(stage_data(config, stage).batch_size, mesh, micro)
+                sharding.check_batch_split(rows.batch_size, mesh, micro, rows.seq_len)
     root_cfg = root_model(config.root)
     for name, cfg in plan_models(config, root_cfg).items():
         check_positions(cfg, config.data.seq_len, name)
