@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cascade_jax import chunks, token_ids
 from cascade_jax.config import Llama3RopeScaling, ModelConfig, RopeScaling, YarnRopeScaling
@@ -291,6 +292,7 @@ def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
 # ----------------------------------------------------------------- blockwise (flash) attention
 
 
+@functools.lru_cache(maxsize=64)
 def block_pairs(n_query_blocks: int, n_key_blocks: int, chunk: int,
                 sliding_window: int | None, skip: bool) -> tuple[tuple[int, int], ...]:
     """The (query block, key block) pairs blockwise attention computes: every pair, or with
@@ -298,17 +300,14 @@ def block_pairs(n_query_blocks: int, n_key_blocks: int, chunk: int,
     order (query i's keys lie at indices <= i, and within the window).
 
     Causal alone keeps n(n + 1)/2 of n² pairs; a window W keeps about n·(1 + W/chunk)."""
-    pairs = []
-    for i in range(n_query_blocks):
-        for j in range(n_key_blocks):
-            if skip and j > i:
-                continue  # key block wholly after the query block
-            last_key, first_query = (j + 1) * chunk - 1, i * chunk
-            if skip and sliding_window is not None and first_query - last_key >= \
-                    sliding_window:
-                continue  # its last key is out of the window of the block's first query
-            pairs.append((i, j))
-    return tuple(pairs)
+    i_P, j_P = (a.ravel() for a in np.meshgrid(np.arange(n_query_blocks),
+                                               np.arange(n_key_blocks), indexing="ij"))
+    keep_P = np.ones(i_P.shape, bool)
+    if skip:
+        keep_P &= j_P <= i_P  # key block wholly after the query block
+        if sliding_window is not None:  # the block's last key out of its first query's window
+            keep_P &= i_P * chunk - ((j_P + 1) * chunk - 1) < sliding_window
+    return tuple(zip(i_P[keep_P].tolist(), j_P[keep_P].tolist(), strict=True))
 
 
 def attend_blocks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
@@ -344,10 +343,17 @@ def attend_blocks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
 
 
 def _pair_mask(q_ids: tuple[jax.Array, jax.Array], k_ids: tuple[jax.Array, jax.Array],
-               i: jax.Array, j: jax.Array, sliding_window: int | None) -> jax.Array:
-    """[B, 1, C, 1, C] bool mask of query block i against key block j."""
-    mask_BCM = segment_mask(SegmentMask(q_ids[0][i], q_ids[1][i]),
-                            SegmentMask(k_ids[0][j], k_ids[1][j]), sliding_window)
+               i: jax.Array, j: jax.Array, sliding_window: int | None, q_BCKGE: jax.Array
+               ) -> jax.Array:
+    """[B, 1, C, 1, C] bool mask of query block i against key block j.
+
+    The ids pass an optimization barrier together with the block's queries: the mask depends
+    on nothing a layer computes, so inside the layer scan JAX would hoist every pair's mask
+    out of it and keep all of them, [pairs, B, K, C, G, C] (quadratic in the length)."""
+    ids, _ = jax.lax.optimization_barrier(
+        ((q_ids[0][i], q_ids[1][i], k_ids[0][j], k_ids[1][j]), q_BCKGE))
+    mask_BCM = segment_mask(SegmentMask(ids[0], ids[1]), SegmentMask(ids[2], ids[3]),
+                            sliding_window)
     return mask_BCM[:, None, :, None, :]
 
 
@@ -377,7 +383,7 @@ def _flash_forward(q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC, 
     def step(carry, pair):
         acc, run_max, run_sum = carry
         i, j = pair[0], pair[1]
-        visible = _pair_mask(q_ids, k_ids, i, j, sliding_window)
+        visible = _pair_mask(q_ids, k_ids, i, j, sliding_window, q_nBCKGE[i])
         s_BKCGM = jnp.where(visible, _pair_scores(q_nBCKGE, k_nBCKE, i, j), -jnp.inf)
         new_max = jnp.maximum(run_max[i], jnp.max(s_BKCGM, axis=-1))
         safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # nothing visible yet
@@ -417,7 +423,7 @@ def _flash_bwd(pairs, sliding_window, residuals, dout_nBCKGE):
     def step(carry, pair):
         dq, dk, dv = carry
         i, j = pair[0], pair[1]
-        visible = _pair_mask(q_ids, k_ids, i, j, sliding_window)
+        visible = _pair_mask(q_ids, k_ids, i, j, sliding_window, q_nBCKGE[i])
         s_BKCGM = _pair_scores(q_nBCKGE, k_nBCKE, i, j)
         p_BKCGM = jnp.where(visible, jnp.exp(s_BKCGM - lse_nBKCG[i][..., None]), 0.0)
         dv = dv.at[j].add(jnp.einsum("BKCGM,BCKGE->BMKE", p_BKCGM, do_nBCKGE[i]))
@@ -465,6 +471,30 @@ def context_axis() -> str | None:
     return axis
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gather_length(axis: str, x_BL: jax.Array) -> jax.Array:
+    """All-gather [B, L/c, ...] shards over `axis` into [B, L, ...]; its gradient is the
+    reduce-scatter of the cotangent, summed in float32 (the shards' partial dk, dv; bf16
+    sums lose bits, and XLA:CPU fails to compile a bf16 reduce-scatter here)."""
+    return jax.lax.all_gather(x_BL, axis, axis=1, tiled=True)
+
+
+def _gather_length_fwd(axis: str, x_BL: jax.Array) -> tuple[jax.Array, Any]:
+    return _gather_length(axis, x_BL), jnp.zeros((), x_BL.dtype)
+
+
+def _gather_length_bwd(axis: str, dtype_token: jax.Array, dx_BL: jax.Array
+                       ) -> tuple[jax.Array]:
+    if not jnp.issubdtype(dtype_token.dtype, jnp.floating):
+        return (None,)
+    summed = jax.lax.psum_scatter(dx_BL.astype(jnp.float32), axis, scatter_dimension=1,
+                                  tiled=True)
+    return (summed.astype(dtype_token.dtype),)
+
+
+_gather_length.defvjp(_gather_length_fwd, _gather_length_bwd)
+
+
 def context_parallel(attend_local: Any, axis: str, q_BLKGE: jax.Array, k_BMKE: jax.Array,
                      v_BMKE: jax.Array, mask: SegmentMask) -> jax.Array:
     """Attention with the sequence split over mesh axis `axis`: in one `shard_map` each shard
@@ -475,8 +505,7 @@ def context_parallel(attend_local: Any, axis: str, q_BLKGE: jax.Array, k_BMKE: j
     positions_BL = mask.positions()
 
     def local(q_BLKGE, k_BLKE, v_BLKE, segment_ids_BL, positions_BL):
-        def gather(x):
-            return jax.lax.all_gather(x, axis, axis=1, tiled=True)
+        gather = functools.partial(_gather_length, axis)
 
         return attend_local(q_BLKGE, gather(k_BLKE), gather(v_BLKE),
                             SegmentMask(segment_ids_BL, positions_BL),
