@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cascade_jax import model, paths
+from cascade_jax import lm, model, paths
 from cascade_jax.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -191,12 +191,16 @@ def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh,
     return jax.jit(model.init, static_argnums=0, out_shardings=shardings)(cfg, rng)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, balance: bool = False
+                ) -> dict[str, jax.Array]:
     """Turn this host's slice of the global batch into global arrays sharded over the batch axes
     (and their length over the context axis).
 
     Each process passes its own rows (the data pipeline shards by `jax.process_index()`).
+    `balance`: reorder each row for the mesh's context shards first (`lm.balance_rows`).
     """
+    if balance:
+        batch = lm.balance_rows(batch, context_shards(mesh))
     sharding = batch_sharding(mesh)
     return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for name, value in batch.items()}

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from cascade_jax import model, sharding, steps
+from cascade_jax import lm, model, sharding, steps
 from cascade_jax.config import ModelConfig, YarnRopeScaling
 from cascade_jax.distill import losses
 from cascade_jax.distill import step as distill_step
@@ -151,16 +151,20 @@ def meshes():
             sharding.make_mesh(data=1, fsdp=2, context=4))
 
 
-def test_a_ce_step_with_context_4_equals_context_1(meshes):
+def test_a_ce_step_with_context_4_on_balanced_rows_equals_context_1(meshes):
+    """context=4 on rows in dual-chunk-swap order (`lm.balance_rows`: targets and positions
+    made first, reordered with the tokens) vs context=1 on the rows as packed."""
     cfg = CFG.replace(attention_chunk=4)
     params = model.init(cfg, jax.random.key(0))
     batch = _batch(1)
+    balanced = lm.balance_rows(batch, 4)
 
     def loss(p, b):
         sums = steps.ce_sums(cfg, p, b, chunk_size=8)
         return sums["loss_sum"] / sums["count"]
 
-    one, split = (_value_and_grad_on(mesh, loss, (cfg,), params, batch) for mesh in meshes)
+    one = _value_and_grad_on(meshes[0], loss, (cfg,), params, batch)
+    split = _value_and_grad_on(meshes[1], loss, (cfg,), params, balanced)
     wq = sharding.param_shardings(cfg, meshes[1])["layers"]["attn"]["wq"]
     assert wq.spec[1] == ("fsdp", "context")  # params split over fsdp × context, not copied
     _assert_trees_close(split, one, 1e-5)
@@ -191,3 +195,25 @@ def test_the_sampler_and_a_row_that_does_not_split_are_refused(meshes):
     with pytest.raises(ValueError, match=r"seq_len=30 tokens do not split over the 4 context "
                                          r"shards.*multiple of 4"):
         sharding.check_batch_split(2, meshes[1], seq_len=30)
+
+
+def test_balanced_rows_swap_chunks_and_carry_their_targets():
+    """Shard d of 4 holds chunks d and 7 − d of 8; positions, targets and weights are made
+    before the reorder; shards=1 is the identity; a length that does not split is refused."""
+    assert lm.dual_chunk_swap(16, 4).tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11,
+                                                  6, 7, 8, 9]
+    batch = _batch(3)
+    order = lm.dual_chunk_swap(L, 4)
+    balanced = lm.balance_rows({k: v for k, v in batch.items() if k != "positions"}, 4)
+    targets, weights = (np.asarray(x) for x in lm.next_token_targets(batch))
+    np.testing.assert_array_equal(balanced["positions"], batch["positions"][:, order])
+    np.testing.assert_array_equal(balanced["targets"], targets[:, order])
+    np.testing.assert_array_equal(balanced["target_weights"], weights[:, order])
+    np.testing.assert_array_equal(lm.next_token_targets(balanced)[0], targets[:, order])
+    one = lm.balance_rows(batch, 1)
+    np.testing.assert_array_equal(one["tokens"], batch["tokens"])
+    mesh = sharding.make_mesh(data=1, fsdp=2, context=4)
+    placed = sharding.shard_batch(batch, mesh, balance=True)
+    np.testing.assert_array_equal(placed["tokens"], batch["tokens"][:, order])
+    with pytest.raises(ValueError, match=r"seq_len=30 does not split into 8 equal chunks"):
+        lm.dual_chunk_swap(30, 4)
