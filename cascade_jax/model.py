@@ -620,13 +620,66 @@ def attention_heads(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array,
                                q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
     elif isinstance(mask_BLM, SegmentMask):
         out = _attend_segments(cfg, q_BLKGE, k_BMKE, v_BMKE, mask_BLM, mask_BLM, in_order=True)
-    elif cfg.attention_impl != "xla":
+    elif cfg.attention_impl in ("jax", "cudnn"):
         out = fused_attention(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, _fused_impl(cfg))
     elif cfg.attention_chunk is None or cfg.attention_chunk >= length:
         out = attend(q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
     else:
         out = attend_in_chunks(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.attention_chunk)
     return out.reshape(batch, length, cfg.n_heads, cfg.head_dim)
+
+
+def splash_block(cfg: ModelConfig, length: int) -> int:
+    """Splash attention's query and key block: `attention_chunk`, else min(512, length);
+    checked to be a multiple of 128 that divides the length."""
+    block = cfg.attention_chunk or min(512, length)
+    if block % 128 or length % block:
+        fits = [b for b in range(128, min(length, 2048) + 1, 128) if length % b == 0]
+        fix = (f"set attention_chunk to one of {fits}" if fits else
+               "use a length that is a multiple of 128")
+        raise ValueError(f"attention_impl='splash' needs blocks of a multiple of 128 tokens "
+                         f"that divide the length {length}; attention_chunk="
+                         f"{cfg.attention_chunk} gives {block}: {fix}")
+    return block
+
+
+def splash_attention(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array,
+                     v_BMKE: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    """Causal (and windowed) attention within packed segments by Pallas splash attention,
+    [B, L, K, G, E]: each KV head's G query heads against its own keys (the MQA kernel, vmapped
+    over K and B, so K/V are never repeated); q carries the 1/√E scale (and the YaRN query
+    scale, applied before). Rows must be in index order (the kernel masks by index)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    if jax.default_backend() != "tpu" and not cfg.splash_interpret:
+        raise ValueError(f"attention_impl='splash' is a TPU kernel and the backend is "
+                         f"{jax.default_backend()!r}; use attention_impl='xla' (or 'cudnn' on "
+                         "NVIDIA GPUs), or set splash_interpret=True to run it in Pallas "
+                         "interpret mode (slow; for checking a config)")
+    length, groups, head_dim = q_BLKGE.shape[1], q_BLKGE.shape[3], q_BLKGE.shape[4]
+    block = splash_block(cfg, length)
+    shape = (length, length)
+    one_head = (splash_mask.CausalMask(shape) if cfg.sliding_window is None else
+                splash_mask.LocalMask(shape, (cfg.sliding_window - 1, 0), offset=0))
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block,
+                              block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mqa(splash_mask.MultiHeadMask([one_head] * groups),
+                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != "tpu")
+    q_BKGLE = jnp.transpose(q_BLKGE * jnp.asarray(head_dim**-0.5, q_BLKGE.dtype),
+                            (0, 2, 3, 1, 4))
+    k_BKLE, v_BKLE = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BMKE, v_BMKE))
+    segment_ids_BL = jnp.asarray(segment_ids_BL, jnp.int32)
+    per_kv_head = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(seg, seg)),
+                           in_axes=(0, 0, 0, None))
+    out_BKGLE = jax.vmap(per_kv_head)(q_BKGLE, k_BKLE, v_BKLE, segment_ids_BL)
+    return jnp.transpose(out_BKGLE, (0, 3, 1, 2, 4)).astype(v_BMKE.dtype)
 
 
 def _fused_impl(cfg: ModelConfig) -> str | None:
@@ -639,6 +692,12 @@ def _attend_segments(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array,
     """Attention of `queries` to `keys` under a segment mask. `in_order`: queries and keys
     are the same row in index order, so blocks above the diagonal can be skipped."""
     window = cfg.sliding_window
+    if cfg.attention_impl == "splash":
+        if not in_order:
+            raise ValueError("attention_impl='splash' does not run under context parallelism "
+                             "yet (its mask is by index, not by position); use "
+                             "attention_impl='xla' with mesh.context > 1")
+        return splash_attention(cfg, q_BLKGE, k_BMKE, v_BMKE, queries.segment_ids_BL)
     if cfg.attention_impl != "xla":
         return fused_attention(q_BLKGE, k_BMKE, v_BMKE, segment_mask(queries, keys, window),
                                _fused_impl(cfg), is_causal=in_order)

@@ -6,7 +6,8 @@ segment ids and positions all-gathered in one `shard_map`) equals one device, fo
 gradients w.r.t. q, k and v under non-uniform random cotangents, with packed segments, a
 sliding window, blocks that do not divide the shard, in index order and in a shuffled order;
 a whole-model CE step and a KD step with context=4 equal context=1 (loss and every gradient
-leaf). Blockwise attention, skipping or not, equals a float64 numpy reference.
+leaf). Blockwise attention, skipping or not, equals a float64 numpy reference, and so does
+Pallas splash attention in interpret mode, forward and backward.
 """
 
 import functools
@@ -57,6 +58,23 @@ def _numpy_attention(q, k, v, seg, pos, window):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.einsum("BKLGM,BMKE->BLKGE", p, v)
+
+
+def _numpy_attention_vjp(q, k, v, seg, pos, window, d_out):
+    """float64 reference gradients (dq, dk, dv) of `_numpy_attention` under `d_out`."""
+    q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+    scale = 1 / np.sqrt(q.shape[-1])
+    allowed = (pos[:, None, :] <= pos[:, :, None]) & (seg[:, :, None] == seg[:, None, :])
+    if window is not None:
+        allowed &= pos[:, :, None] - pos[:, None, :] < window
+    s = np.where(allowed[:, None, :, None, :], np.einsum("BLKGE,BMKE->BKLGM", q, k) * scale,
+                 -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dv = np.einsum("BKLGM,BLKGE->BMKE", p, d_out)
+    dp = np.einsum("BLKGE,BMKE->BKLGM", d_out, v)
+    ds = p * (dp - np.sum(dp * p, -1, keepdims=True)) * scale
+    return (np.einsum("BKLGM,BMKE->BLKGE", ds, k), np.einsum("BKLGM,BLKGE->BMKE", ds, q), dv)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +235,49 @@ def test_balanced_rows_swap_chunks_and_carry_their_targets():
     np.testing.assert_array_equal(placed["tokens"], batch["tokens"][:, order])
     with pytest.raises(ValueError, match=r"seq_len=30 does not split into 8 equal chunks"):
         lm.dual_chunk_swap(30, 4)
+
+
+# ------------------------------------------------------------------------- splash (Pallas)
+
+
+def test_splash_in_interpret_mode_equals_float64_numpy_forward_and_backward():
+    """Pallas splash attention (CPU: interpret mode, as `splash_interpret` asks) with two
+    packed segments and padding, a window of 40 and GQA (2 KV heads × 2 groups), blocks of
+    128: forward and dq, dk, dv under a random cotangent against float64 numpy."""
+    rng = np.random.default_rng(4)
+    length, e = 256, 64
+    cfg = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=K * G, n_kv_heads=K,
+                      head_dim=e, d_ff=8, sliding_window=40, attention_impl="splash",
+                      splash_interpret=True, attention_chunk=128)
+    q = rng.normal(size=(1, length, K, G, e)).astype(np.float32)
+    k, v = (rng.normal(size=(1, length, K, e)).astype(np.float32) for _ in range(2))
+    d_out = rng.normal(size=q.shape).astype(np.float32)
+    seg = np.array([[1] * 100 + [2] * 150 + [0] * 6], np.int32)
+    pos = np.asarray(model.positions_from_segments(seg))
+    out, pullback = jax.vjp(lambda q, k, v: model.attention_heads(
+        cfg, q, k, v, model.SegmentMask(seg, pos)), q, k, v)
+    grads = pullback(d_out.reshape(out.shape))
+    assert _rel(out.reshape(q.shape), _numpy_attention(q, k, v, seg, pos, 40)) < 1e-5
+    for ours, want in zip(grads, _numpy_attention_vjp(q, k, v, seg, pos, 40, d_out),
+                          strict=True):
+        assert _rel(ours, want) < 1e-5
+
+
+def test_splash_refuses_shapes_that_do_not_tile_and_a_backend_without_it():
+    cfg = CFG.replace(attention_impl="splash", splash_interpret=True)
+    q = np.zeros((1, 200, K, G, E), np.float32)
+    kv = np.zeros((1, 200, K, E), np.float32)
+    seg = np.ones((1, 200), np.int32)
+    with pytest.raises(ValueError, match=r"attention_impl='splash' needs blocks of a multiple "
+                                         r"of 128 tokens that divide the length 200; "
+                                         r"attention_chunk=None gives 200: use a length"):
+        model.splash_attention(cfg, q, kv, kv, seg)
+    with pytest.raises(ValueError, match=r"divide the length 256; attention_chunk=384 .*"
+                                         r"one of \[128, 256\]"):
+        model.splash_block(cfg.replace(attention_chunk=384), 256)
+    with pytest.raises(ValueError, match=r"attention_chunk=100 is splash attention's block "
+                                         r"size and must be a multiple of 128"):
+        cfg.replace(attention_chunk=100)
+    with pytest.raises(ValueError, match=r"the backend is 'cpu'; use attention_impl='xla'.*"
+                                         r"splash_interpret=True"):
+        model.splash_attention(cfg.replace(splash_interpret=False), q, kv, kv, seg)
