@@ -466,7 +466,8 @@ def context_axis() -> str | None:
     axis = axes[0]
     if axis not in mesh.axis_names or mesh.shape[axis] == 1:
         return None
-    if mesh._name_to_type[axis] == jax.sharding.AxisType.Manual:  # already inside shard_map
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if types[axis] == jax.sharding.AxisType.Manual:  # already inside a shard_map over it
         return None
     return axis
 

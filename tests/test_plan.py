@@ -115,7 +115,7 @@ def test_exact_flops_equal_a_fully_unrolled_compile(rows):
 def test_mesh_and_batch_resolution():
     assert plan.mesh_sizes({"data": -1, "fsdp": 64, "tensor": 1},
                            {"data": None, "fsdp": None, "tensor": 2}) == {
-        "data": 1, "fsdp": 64, "tensor": 2}
+        "data": 1, "fsdp": 64, "context": 1, "tensor": 2}
     with pytest.raises(ValueError, match="must be >= 1"):
         plan.mesh_sizes({"data": 0, "fsdp": 1, "tensor": 1}, {})
     config = runconfig.cascade_config(tiny_config())
