@@ -124,7 +124,7 @@ def load_checkpoint_model(directory: str, mesh: Mesh) -> tuple[ModelConfig, mode
 # How a loaded root is *run* (not its shape): taken from `config.root.model` when it sets them,
 # so a bf16, rematerialised 24B root is not run in the file's float32 without remat.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk",
-                  "attention_impl")
+                  "attention_impl", "splash_interpret")
 
 
 def with_runtime_settings(cfg: ModelConfig, root: RootConfig) -> ModelConfig:
