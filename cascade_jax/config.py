@@ -189,9 +189,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_unroll: bool = False  # unroll the layer scan: faster steps, compile time grows with N
-    # Queries per attention block (None: all at once). The float32 scores are [B, K, L, G, L];
-    # in blocks of c queries only [B, K, c, G, L] is live, recomputed in the backward pass:
-    # what makes 16k-token distillation fit (see experiments.plan). Must divide the length.
+    # Queries (and keys) per attention block (None: all at once). The float32 scores are
+    # [B, K, L, G, L]; in blocks of c queries × c keys (flash attention, `model.attend_blocks`)
+    # only [B, K, c, G, c] is live, recomputed in the backward pass, and blocks the causal mask
+    # or window rules out are skipped: what makes 16k+ token distillation fit (see
+    # experiments.plan). Need not divide the length (the last block is padded).
     attention_chunk: int | None = None
     # Who computes attention in the forward and training passes: 'xla' (our einsums, any
     # dtype, chunkable), 'jax' (`jax.nn.dot_product_attention` lowered by XLA: the same
