@@ -118,8 +118,9 @@ class Cost:
 
 def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, micro_batches: int = 1
                    ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The [B, L] int32 batch contract, split over data × fsdp like a real batch."""
-    sharding.check_batch_split(batch_size, mesh, micro_batches)
+    """The [B, L] int32 batch contract, split over data × fsdp (and L over context) like a
+    real batch."""
+    sharding.check_batch_split(batch_size, mesh, micro_batches, seq_len)
     where = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=where)
             for k in BATCH_KEYS}
@@ -253,20 +254,36 @@ def matmul_params(cfg: ModelConfig) -> int:
         - cfg.d_model * (2 * cfg.n_layers + 1)
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """2·(matmul weights) + the attention scores and mixing, 4·N·L·H·E (masked positions are
-    computed too: the model builds full [L, L] scores)."""
-    return 2.0 * matmul_params(cfg) + 4.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+def attention_fraction(cfg: ModelConfig, seq_len: int, context: int = 1) -> float:
+    """The share of the [L, L] score square attention computes: 1 for the whole square
+    (attention_chunk None, or a fused kernel), the kept (query block, key block) pairs of
+    `model.block_pairs` with blocks (causal and window skipping), under context parallelism
+    (`context` > 1) each shard's queries against every key (no skipping)."""
+    if cfg.attention_impl != "xla" or cfg.attention_chunk is None:
+        return 1.0
+    chunk = min(cfg.attention_chunk, seq_len)
+    n = -(-seq_len // chunk)
+    if context > 1:
+        return 1.0
+    return len(model.block_pairs(n, n, chunk, cfg.sliding_window, skip=True)) / n**2
 
 
-def analytic_flops(spec: StepSpec, n_devices: int) -> float:
-    """Textbook per-device FLOPs of the step, if the work split evenly over `n_devices`:
-    a trained model costs 3 forwards (4 with remat), a frozen teacher or eval one."""
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, context: int = 1) -> float:
+    """2·(matmul weights) + the attention scores and mixing, 4·N·L·H·E times the share of
+    the score square computed (`attention_fraction`: blocks above the diagonal skipped)."""
+    attention = 4.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    return 2.0 * matmul_params(cfg) + attention * attention_fraction(cfg, seq_len, context)
+
+
+def analytic_flops(spec: StepSpec, n_devices: int, context: int = 1) -> float:
+    """Textbook per-device FLOPs of the step, if the work split evenly over `n_devices`
+    (`context` of them splitting each row): a trained model costs 3 forwards (4 with remat),
+    a frozen teacher or eval one."""
     tokens = spec.batch_size * spec.seq_len
-    student = forward_flops_per_token(spec.student, spec.seq_len)
+    student = forward_flops_per_token(spec.student, spec.seq_len, context)
     passes = 1 if spec.kind == "forward" else 4 if spec.student.remat else 3
     total = passes * student
     if spec.kind == "distill":
-        total += forward_flops_per_token(spec.distill.teacher, spec.seq_len)
+        total += forward_flops_per_token(spec.distill.teacher, spec.seq_len, context)
     return total * tokens / n_devices
 

@@ -127,7 +127,7 @@ def load_checkpoint_model(directory: str, mesh: Mesh, step: int | None = None
 # How a loaded root is *run* (not its shape): taken from `config.root.model` when it sets them,
 # so a bf16, rematerialised 24B root is not run in the file's float32 without remat.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attention_chunk",
-                  "attention_impl")
+                  "attention_impl", "splash_interpret")
 
 
 def with_runtime_settings(cfg: ModelConfig, root: RootConfig) -> ModelConfig:
@@ -990,11 +990,12 @@ def run(config: CascadeConfig | ml_collections.ConfigDict, *, progress: bool = T
     workdir = os.path.abspath(config.workdir)
     mesh = sharding.make_mesh(**config.mesh.sizes())
     for micro in {1, config.cadence.eval_micro_batches, *(s.grad_accum for s in config.stages)}:
-        sharding.check_batch_split(config.data.batch_size, mesh, micro)
+        sharding.check_batch_split(config.data.batch_size, mesh, micro, config.data.seq_len)
     for stage in config.stages:
         if stage.context is not None:
+            rows = stage_data(config, stage)
             for micro in {1, config.cadence.eval_micro_batches, stage.grad_accum}:
-                sharding.check_batch_split(stage_data(config, stage).batch_size, mesh, micro)
+                sharding.check_batch_split(rows.batch_size, mesh, micro, rows.seq_len)
     root_cfg = root_model(config.root)
     models = plan_models(config, root_cfg)
     for name, cfg in models.items():

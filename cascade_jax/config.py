@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "splash")
 
 
 def _divisors(n: int) -> list[int]:
@@ -191,16 +191,23 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     scan_unroll: bool = False  # unroll the layer scan: faster steps, compile time grows with N
-    # Queries per attention block (None: all at once). The float32 scores are [B, K, L, G, L];
-    # in blocks of c queries only [B, K, c, G, L] is live, recomputed in the backward pass:
-    # what makes 16k-token distillation fit (see experiments.plan). Must divide the length.
+    # Queries (and keys) per attention block (None: all at once). The float32 scores are
+    # [B, K, L, G, L]; in blocks of c queries × c keys (flash attention, `model.attend_blocks`)
+    # only [B, K, c, G, c] is live, recomputed in the backward pass, and blocks the causal mask
+    # or window rules out are skipped: what makes 16k+ token distillation fit (see
+    # experiments.plan). Need not divide the length (the last block is padded).
     attention_chunk: int | None = None
     # Who computes attention in the forward and training passes: 'xla' (our einsums, any
     # dtype, chunkable), 'jax' (`jax.nn.dot_product_attention` lowered by XLA: the same
     # plumbing as 'cudnn', checkable on any backend) or 'cudnn' (cuDNN flash attention on
     # NVIDIA GPUs, bfloat16/float16; packed segments and windows go in as a [B, 1, L, L] mask,
-    # so no attention_chunk). The cached decode always uses 'xla'.
+    # so no attention_chunk) or 'splash' (Pallas splash attention for TPU: segment ids, causal,
+    # window and GQA inside the kernel; attention_chunk is its block size, a multiple of 128
+    # dividing the length, default min(512, length)). The cached decode always uses 'xla'.
     attention_impl: str = "xla"
+    # Run 'splash' on a non-TPU backend in Pallas interpret mode (slow: for checking a config
+    # on a laptop before a pod). Without it 'splash' off TPU is an error naming what to use.
+    splash_interpret: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -248,7 +255,15 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
                              f"{ATTENTION_IMPLS}")
+        if not isinstance(self.splash_interpret, bool):
+            raise ValueError(f"splash_interpret={self.splash_interpret!r} must be True or False")
         if self.attention_impl == "xla":
+            return
+        if self.attention_impl == "splash":
+            if self.attention_chunk is not None and self.attention_chunk % 128:
+                raise ValueError(f"attention_chunk={self.attention_chunk} is splash attention's "
+                                 "block size and must be a multiple of 128 (its kernel's tile); "
+                                 "choose e.g. 512, or None (min(512, length))")
             return
         if self.attention_chunk is not None:
             raise ValueError(f"attention_chunk={self.attention_chunk} needs attention_impl="

@@ -184,6 +184,11 @@ def _state_shardings(mesh: Mesh) -> _DecodeState:
 def _sampler(cfg: ModelConfig, mesh: Mesh | None, rows: int, prompt_len: int,
              sampling: SamplingParams) -> _Sampler:
     """The jitted prefill and decode loop for one bucket (built once per key, compiled once)."""
+    if mesh is not None and sharding.context_shards(mesh) > 1:
+        raise ValueError(f"generation does not split rows over the context axis (mesh "
+                         f"{dict(mesh.shape)}): the KV cache and decode keep each row on one "
+                         "device. Sample on a mesh with context=1 (e.g. the same devices as "
+                         "data × fsdp), and train long rows with context > 1")
     new_tokens = sampling.max_new_tokens
     cache_len = prompt_len + new_tokens - 1  # the last sampled token never enters the cache
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cascade_jax import chunks, token_ids
+from cascade_jax import chunks, model, token_ids
 
 Batch = dict[str, jax.Array]
 
@@ -23,7 +24,10 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
     (prompt/completion batches, `cascade_jax.prompts`) it also counts only where the *target*
     is a completion token (or its EOS): every loss and evaluation built on these weights (CE,
     the fused KD losses, evaluation) is then completion-only, with no change of its own.
+    A batch whose rows `balance_rows` reordered carries them as `targets`/`target_weights`.
     """
+    if "targets" in batch:  # rows reordered by `balance_rows`: shifting no longer works
+        return batch["targets"], batch["target_weights"].astype(jnp.float32)
     tokens_BL = batch["tokens"]
     segment_ids_BL = batch.get("segment_ids")
     if segment_ids_BL is None:
@@ -36,6 +40,48 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
     targets_BL = jnp.pad(next_tokens, ((0, 0), (0, 1)))
     weights_BL = jnp.pad(counts, ((0, 0), (0, 1))).astype(jnp.float32)
     return targets_BL, weights_BL
+
+
+def dual_chunk_swap(length: int, shards: int) -> np.ndarray:
+    """[L] the token order that balances causal attention over `shards` context shards: the row
+    cut into 2·shards chunks, shard d holding chunks d and 2·shards − 1 − d (an early and a
+    late one, so every shard's queries see the same number of keys in all)."""
+    pieces = 2 * shards
+    if length % pieces:
+        raise ValueError(f"seq_len={length} does not split into {pieces} equal chunks (2 per "
+                         f"context shard of {shards}); use a seq_len that is a multiple of "
+                         f"{pieces}, or balance=False")
+    chunk = length // pieces
+    order = [c for d in range(shards) for c in (d, pieces - 1 - d)]
+    return np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in order])
+
+
+def balance_rows(batch: dict[str, np.ndarray], shards: int) -> dict[str, np.ndarray]:
+    """Every [B, L, ...] array of a host batch reordered along L by `dual_chunk_swap`.
+
+    Positions (from the segment ids, if absent) and the next-token targets and weights
+    (`targets`, `target_weights`) are computed first, in the original order, and reordered
+    with the rest: attention masks by positions and losses read the carried targets, so
+    every objective gives the same result on the reordered rows. Per-token outputs come back
+    in the reordered order. With shards=1 the order is the identity. Rows reordered for more
+    shards than the mesh's context axis break the blockwise attention's block skipping
+    (which assumes index order outside context parallelism): use `sharding.shard_batch(...,
+    balance=True)`, which takes the mesh's count.
+    """
+    batch = {name: np.asarray(value) for name, value in batch.items()}
+    length = batch["tokens"].shape[1]
+    if "segment_ids" not in batch:
+        batch["segment_ids"] = np.ones_like(batch["tokens"])
+    if "positions" not in batch:
+        batch["positions"] = np.asarray(model.positions_from_segments(batch["segment_ids"]),
+                                        np.int32)
+    if "targets" not in batch:
+        targets_BL, weights_BL = next_token_targets(batch)
+        batch["targets"] = np.asarray(targets_BL, batch["tokens"].dtype)
+        batch["target_weights"] = np.asarray(weights_BL, np.float32)
+    order_L = dual_chunk_swap(length, shards)
+    return {name: value[:, order_L] if value.ndim >= 2 and value.shape[1] == length else value
+            for name, value in batch.items()}
 
 
 def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:

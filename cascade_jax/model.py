@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cascade_jax import chunks, token_ids
 from cascade_jax.config import Llama3RopeScaling, ModelConfig, RopeScaling, YarnRopeScaling
@@ -203,29 +204,51 @@ def apply_rope(x_BLHE: jax.Array, cos_BLE2: jax.Array, sin_BLE2: jax.Array) -> j
     return rotated.astype(x_BLHE.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, sliding_window: int | None) -> jax.Array:
-    """[B, L, M] bool: causal, within the same packed segment, and inside the window if any."""
-    return mask_block(segment_ids_BL, segment_ids_BL, 0, sliding_window)
+def attention_mask(segment_ids_BL: jax.Array, sliding_window: int | None,
+                   positions_BL: jax.Array | None = None) -> jax.Array:
+    """[B, L, M] bool: causal, within the same packed segment, and inside the window if any
+    (causal and window by `positions_BL`, each token's position in its segment; None: index
+    order)."""
+    ids = SegmentMask(segment_ids_BL, positions_BL)
+    return segment_mask(ids, ids, sliding_window)
 
 
 def mask_block(q_segment_ids_BC: jax.Array, segment_ids_BM: jax.Array, q_start: Any,
                sliding_window: int | None) -> jax.Array:
-    """[B, C, M] bool: `attention_mask`'s rows for the C queries from position `q_start`."""
-    q_idx = q_start + jnp.arange(q_segment_ids_BC.shape[1])[:, None]
-    k_idx = jnp.arange(segment_ids_BM.shape[1])[None, :]
-    allowed_CM = k_idx <= q_idx
-    if sliding_window is not None:
-        allowed_CM &= q_idx - k_idx < sliding_window
-    same_segment_BCM = q_segment_ids_BC[:, :, None] == segment_ids_BM[:, None, :]
-    return allowed_CM[None] & same_segment_BCM
+    """[B, C, M] bool: `attention_mask`'s rows for the C queries from index `q_start`."""
+    q_idx_BC = q_start + jnp.broadcast_to(jnp.arange(q_segment_ids_BC.shape[1]),
+                                          q_segment_ids_BC.shape)
+    return segment_mask(SegmentMask(q_segment_ids_BC, q_idx_BC),
+                        SegmentMask(segment_ids_BM, None), sliding_window)
 
 
 class SegmentMask(NamedTuple):
-    """`attention_mask` kept as its [B, L] segment ids, for attention in query blocks to build
+    """`attention_mask` kept as its [B, L] segment ids and positions, for attention to build
     one block's [B, C, M] rows at a time: the whole [B, L, L] mask is 64 GiB a row at 262k
-    tokens (Ministral 3's context)."""
+    tokens (Ministral 3's context). The mask comes from positions, not from array indices, so
+    a row in any token order (`data.balance_rows`, a context shard) masks the same pairs.
+    `positions_BL` None: each token's index (rows in order)."""
 
     segment_ids_BL: jax.Array
+    positions_BL: jax.Array | None = None
+
+    def positions(self) -> jax.Array:
+        if self.positions_BL is not None:
+            return self.positions_BL
+        return jnp.broadcast_to(jnp.arange(self.segment_ids_BL.shape[1]),
+                                self.segment_ids_BL.shape)
+
+
+def segment_mask(queries: SegmentMask, keys: SegmentMask, sliding_window: int | None
+                 ) -> jax.Array:
+    """[B, L, M] bool: key m is visible to query l when both lie in the same segment, at a
+    position not after the query's, and (with a window) fewer than `sliding_window` before."""
+    q_pos_BL1 = queries.positions()[:, :, None]
+    k_pos_B1M = keys.positions()[:, None, :]
+    allowed_BLM = k_pos_B1M <= q_pos_BL1
+    if sliding_window is not None:
+        allowed_BLM &= q_pos_BL1 - k_pos_B1M < sliding_window
+    return allowed_BLM & (queries.segment_ids_BL[:, :, None] == keys.segment_ids_BL[:, None, :])
 
 
 def positions_from_segments(segment_ids_BL: jax.Array) -> jax.Array:
@@ -252,52 +275,260 @@ def attend(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array, mask_BLM: j
 
 
 def attend_in_chunks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
-                     mask_BLM: jax.Array | SegmentMask, chunk: int,
-                     sliding_window: int | None = None) -> jax.Array:
-    """`attend`, `chunk` queries at a time: the same softmax over all keys per query, so the
-    same result, with only one block's [B, K, chunk, G, M] scores live. Each block is
-    rematerialised in the backward pass (a checkpointed `lax.map`). A `SegmentMask` (with the
-    `sliding_window` it stands for) is expanded one block at a time, inside the block."""
+                     mask_BLM: jax.Array, chunk: int) -> jax.Array:
+    """`attend` with a whole [B, L, M] mask (the cached prefill's), `chunk` queries at a
+    time: only one block's [B, K, chunk, G, M] scores live, each block rematerialised in the
+    backward pass (a checkpointed `lax.map`). Segment masks go to `attend_blocks` instead."""
     length = q_BLKGE.shape[1]
-    if length % chunk:
-        raise ValueError(f"attention_chunk={chunk} does not divide the sequence length "
-                         f"{length}; choose a divisor of {length} (or None)")
-    q_nBCKGE = chunks.split(q_BLKGE, chunk)
-    if isinstance(mask_BLM, SegmentMask):
-        segment_ids_BL = mask_BLM.segment_ids_BL
-        starts_n = jnp.arange(q_nBCKGE.shape[0]) * chunk
-
-        def block_mask(segment_ids_BC: jax.Array, start: jax.Array) -> jax.Array:
-            return mask_block(segment_ids_BC, segment_ids_BL, start, sliding_window)
-
-        inputs = (q_nBCKGE, chunks.split(segment_ids_BL, chunk), starts_n)
-    else:
-
-        def block_mask(mask_BCM: jax.Array) -> jax.Array:
-            return mask_BCM
-
-        inputs = (q_nBCKGE, chunks.split(mask_BLM, chunk))
 
     @jax.checkpoint
-    def block(q_and_mask: tuple[jax.Array, ...]) -> jax.Array:
-        return attend(q_and_mask[0], k_BMKE, v_BMKE, block_mask(*q_and_mask[1:]))
+    def block(q_and_mask: tuple[jax.Array, jax.Array]) -> jax.Array:
+        return attend(q_and_mask[0], k_BMKE, v_BMKE, q_and_mask[1])
 
+    inputs = (chunks.split(q_BLKGE, chunk), chunks.split(mask_BLM, chunk))
     return chunks.merge(jax.lax.map(block, inputs), length)
 
 
+# ----------------------------------------------------------------- blockwise (flash) attention
+
+
+@functools.lru_cache(maxsize=64)
+def block_pairs(n_query_blocks: int, n_key_blocks: int, chunk: int,
+                sliding_window: int | None, skip: bool) -> tuple[tuple[int, int], ...]:
+    """The (query block, key block) pairs blockwise attention computes: every pair, or with
+    `skip` only those the causal mask and window leave a visible key in, for rows in index
+    order (query i's keys lie at indices <= i, and within the window).
+
+    Causal alone keeps n(n + 1)/2 of n² pairs; a window W keeps about n·(1 + W/chunk)."""
+    i_P, j_P = (a.ravel() for a in np.meshgrid(np.arange(n_query_blocks),
+                                               np.arange(n_key_blocks), indexing="ij"))
+    keep_P = np.ones(i_P.shape, bool)
+    if skip:
+        keep_P &= j_P <= i_P  # key block wholly after the query block
+        if sliding_window is not None:  # the block's last key out of its first query's window
+            keep_P &= i_P * chunk - ((j_P + 1) * chunk - 1) < sliding_window
+    return tuple(zip(i_P[keep_P].tolist(), j_P[keep_P].tolist(), strict=True))
+
+
+def attend_blocks(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
+                  queries: SegmentMask, keys: SegmentMask, chunk: int,
+                  sliding_window: int | None, skip: bool) -> jax.Array:
+    """`attend` in blocks of `chunk` queries × `chunk` keys with an online softmax (flash
+    attention), the mask built per block from segment ids and positions: only one block's
+    [B, K, C, G, C] scores live, forward and backward (a custom VJP that recomputes them from
+    the saved log-sum-exp). With `skip`, block pairs the causal mask or window rules out are
+    never computed (`block_pairs`: rows must be in index order). The length need not be a
+    multiple of `chunk` (the last block is padded with keys no query sees)."""
+    length, n_keys = q_BLKGE.shape[1], k_BMKE.shape[1]
+    chunk = min(chunk, max(length, n_keys))
+    if skip and length != n_keys:
+        raise ValueError(f"block skipping needs as many queries as keys (got {length} and "
+                         f"{n_keys}); pass skip=False")
+    q_nBCKGE = chunks.split(q_BLKGE, chunk)
+    k_nBCKE, v_nBCKE = chunks.split(k_BMKE, chunk), chunks.split(v_BMKE, chunk)
+
+    def ids(mask: SegmentMask) -> tuple[jax.Array, jax.Array]:
+        # Padding past the end gets segment -1: seen by no real query, and (its own position
+        # 0) sees itself, so every padded query's softmax has a term.
+        seg_BL = jnp.asarray(mask.segment_ids_BL, jnp.int32)
+        pad = -(-seg_BL.shape[1] // chunk) * chunk - seg_BL.shape[1]
+        seg_BL = jnp.pad(seg_BL, ((0, 0), (0, pad)), constant_values=-1)
+        return chunks.split(seg_BL, chunk), chunks.split(jnp.asarray(mask.positions(),
+                                                                     jnp.int32), chunk)
+
+    pairs = block_pairs(q_nBCKGE.shape[0], k_nBCKE.shape[0], chunk, sliding_window, skip)
+    out_nBCKGE = _flash(q_nBCKGE, k_nBCKE, v_nBCKE, *ids(queries), *ids(keys), pairs,
+                        sliding_window)
+    return chunks.merge(out_nBCKGE, length)
+
+
+def _pair_mask(q_ids: tuple[jax.Array, jax.Array], k_ids: tuple[jax.Array, jax.Array],
+               i: jax.Array, j: jax.Array, sliding_window: int | None, q_BCKGE: jax.Array
+               ) -> jax.Array:
+    """[B, 1, C, 1, C] bool mask of query block i against key block j.
+
+    The ids pass an optimization barrier together with the block's queries: the mask depends
+    on nothing a layer computes, so inside the layer scan JAX would hoist every pair's mask
+    out of it and keep all of them, [pairs, B, K, C, G, C] (quadratic in the length)."""
+    ids, _ = jax.lax.optimization_barrier(
+        ((q_ids[0][i], q_ids[1][i], k_ids[0][j], k_ids[1][j]), q_BCKGE))
+    mask_BCM = segment_mask(SegmentMask(ids[0], ids[1]), SegmentMask(ids[2], ids[3]),
+                            sliding_window)
+    return mask_BCM[:, None, :, None, :]
+
+
+def _pair_scores(q_nBCKGE: jax.Array, k_nBCKE: jax.Array, i: jax.Array, j: jax.Array
+                 ) -> jax.Array:
+    """[B, K, C, G, C] float32 scores of query block i against key block j."""
+    return jnp.einsum("BCKGE,BMKE->BKCGM", q_nBCKGE[i], k_nBCKE[j],
+                      preferred_element_type=jnp.float32) * (q_nBCKGE.shape[-1] ** -0.5)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC, k_pos_nBC, pairs,
+           sliding_window):
+    return _flash_forward(q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC,
+                          k_pos_nBC, pairs, sliding_window)[0]
+
+
+def _flash_forward(q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC, k_pos_nBC,
+                   pairs, sliding_window):
+    """(out [n, B, C, K, G, E] in v's dtype, log-sum-exp [n, B, K, C, G] float32)."""
+    n, batch, chunk, kv_heads, groups, head_dim = q_nBCKGE.shape
+    q_ids, k_ids = (q_seg_nBC, q_pos_nBC), (k_seg_nBC, k_pos_nBC)
+    acc_nBKCGE = jnp.zeros((n, batch, kv_heads, chunk, groups, head_dim), jnp.float32)
+    max_nBKCG = jnp.full(acc_nBKCGE.shape[:-1], -jnp.inf, jnp.float32)
+    sum_nBKCG = jnp.zeros(acc_nBKCGE.shape[:-1], jnp.float32)
+
+    def step(carry, pair):
+        acc, run_max, run_sum = carry
+        i, j = pair[0], pair[1]
+        visible = _pair_mask(q_ids, k_ids, i, j, sliding_window, q_nBCKGE[i])
+        s_BKCGM = jnp.where(visible, _pair_scores(q_nBCKGE, k_nBCKE, i, j), -jnp.inf)
+        new_max = jnp.maximum(run_max[i], jnp.max(s_BKCGM, axis=-1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # nothing visible yet
+        p_BKCGM = jnp.exp(s_BKCGM - safe_max[..., None])
+        rescale = jnp.exp(run_max[i] - safe_max)
+        pv_BKCGE = jnp.einsum("BKCGM,BMKE->BKCGE", p_BKCGM.astype(v_nBCKE.dtype), v_nBCKE[j],
+                              preferred_element_type=jnp.float32)
+        acc = acc.at[i].set(acc[i] * rescale[..., None] + pv_BKCGE)
+        run_sum = run_sum.at[i].set(run_sum[i] * rescale + jnp.sum(p_BKCGM, axis=-1))
+        return (acc, run_max.at[i].set(new_max), run_sum), None
+
+    (acc_nBKCGE, max_nBKCG, sum_nBKCG), _ = jax.lax.scan(
+        step, (acc_nBKCGE, max_nBKCG, sum_nBKCG), jnp.asarray(pairs, jnp.int32))
+    out_nBKCGE = acc_nBKCGE / sum_nBKCG[..., None]
+    out_nBCKGE = jnp.transpose(out_nBKCGE, (0, 1, 3, 2, 4, 5)).astype(v_nBCKE.dtype)
+    return out_nBCKGE, max_nBKCG + jnp.log(sum_nBKCG)
+
+
+def _flash_fwd(q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC, k_pos_nBC, pairs,
+               sliding_window):
+    out, lse = _flash_forward(q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC,
+                              k_pos_nBC, pairs, sliding_window)
+    return out, (q_nBCKGE, k_nBCKE, v_nBCKE, q_seg_nBC, q_pos_nBC, k_seg_nBC, k_pos_nBC, out,
+                 lse)
+
+
+def _flash_bwd(pairs, sliding_window, residuals, dout_nBCKGE):
+    """Flash attention's backward: per pair, p = exp(s − lse) recomputed; dv += pᵀ do,
+    ds = p (do vᵀ − rowsum(do ∘ out)), dq += ds k / √E, dk += dsᵀ q / √E."""
+    q_nBCKGE, k_nBCKE, v_nBCKE, q_seg, q_pos, k_seg, k_pos, out_nBCKGE, lse_nBKCG = residuals
+    q_ids, k_ids = (q_seg, q_pos), (k_seg, k_pos)
+    scale = q_nBCKGE.shape[-1] ** -0.5
+    do_nBCKGE = dout_nBCKGE.astype(jnp.float32)
+    delta_nBKCG = jnp.einsum("nBCKGE,nBCKGE->nBKCG", do_nBCKGE, out_nBCKGE.astype(jnp.float32))
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+
+    def step(carry, pair):
+        dq, dk, dv = carry
+        i, j = pair[0], pair[1]
+        visible = _pair_mask(q_ids, k_ids, i, j, sliding_window, q_nBCKGE[i])
+        s_BKCGM = _pair_scores(q_nBCKGE, k_nBCKE, i, j)
+        p_BKCGM = jnp.where(visible, jnp.exp(s_BKCGM - lse_nBKCG[i][..., None]), 0.0)
+        dv = dv.at[j].add(jnp.einsum("BKCGM,BCKGE->BMKE", p_BKCGM, do_nBCKGE[i]))
+        dp_BKCGM = jnp.einsum("BCKGE,BMKE->BKCGM", do_nBCKGE[i], v_nBCKE[j],
+                              preferred_element_type=jnp.float32)
+        ds_BKCGM = p_BKCGM * (dp_BKCGM - delta_nBKCG[i][..., None]) * scale
+        dq = dq.at[i].add(jnp.einsum("BKCGM,BMKE->BCKGE", ds_BKCGM, k_nBCKE[j],
+                                     preferred_element_type=jnp.float32))
+        dk = dk.at[j].add(jnp.einsum("BKCGM,BCKGE->BMKE", ds_BKCGM, q_nBCKGE[i],
+                                     preferred_element_type=jnp.float32))
+        return (dq, dk, dv), None
+
+    (dq, dk, dv), _ = jax.lax.scan(
+        step, (zeros(q_nBCKGE.shape), zeros(k_nBCKE.shape), zeros(v_nBCKE.shape)),
+        jnp.asarray(pairs, jnp.int32))
+    return (dq.astype(q_nBCKGE.dtype), dk.astype(k_nBCKE.dtype), dv.astype(v_nBCKE.dtype),
+            None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------- context parallelism
+
+
+def context_axis() -> str | None:
+    """The mesh axis the logical `length` axis is split over while tracing (the rules and
+    abstract mesh `sharding.traced_on_mesh` puts in context), or None: unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = nn.logical_to_mesh_axes(("length",))[0]
+    if axes is None:
+        return None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    if len(axes) != 1:
+        raise ValueError(f"the logical axis 'length' maps to mesh axes {axes}; context "
+                         "parallelism splits it over one axis (sharding rule ('length', "
+                         "'context'))")
+    axis = axes[0]
+    if axis not in mesh.axis_names or mesh.shape[axis] == 1:
+        return None
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if types[axis] == jax.sharding.AxisType.Manual:  # already inside a shard_map over it
+        return None
+    return axis
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gather_length(axis: str, x_BL: jax.Array) -> jax.Array:
+    """All-gather [B, L/c, ...] shards over `axis` into [B, L, ...]; its gradient is the
+    reduce-scatter of the cotangent, summed in float32 (the shards' partial dk, dv; bf16
+    sums lose bits, and XLA:CPU fails to compile a bf16 reduce-scatter here)."""
+    return jax.lax.all_gather(x_BL, axis, axis=1, tiled=True)
+
+
+def _gather_length_fwd(axis: str, x_BL: jax.Array) -> tuple[jax.Array, Any]:
+    return _gather_length(axis, x_BL), jnp.zeros((), x_BL.dtype)
+
+
+def _gather_length_bwd(axis: str, dtype_token: jax.Array, dx_BL: jax.Array
+                       ) -> tuple[jax.Array]:
+    if not jnp.issubdtype(dtype_token.dtype, jnp.floating):
+        return (None,)
+    summed = jax.lax.psum_scatter(dx_BL.astype(jnp.float32), axis, scatter_dimension=1,
+                                  tiled=True)
+    return (summed.astype(dtype_token.dtype),)
+
+
+_gather_length.defvjp(_gather_length_fwd, _gather_length_bwd)
+
+
+def context_parallel(attend_local: Any, axis: str, q_BLKGE: jax.Array, k_BMKE: jax.Array,
+                     v_BMKE: jax.Array, mask: SegmentMask) -> jax.Array:
+    """Attention with the sequence split over mesh axis `axis`: in one `shard_map` each shard
+    keeps its queries and all-gathers the keys, values, segment ids and positions (autodiff
+    turns the gathers into reduce-scatters of dk, dv); `attend_local(q, k, v, queries, keys)`
+    then attends its queries to every key, masked by positions, so any token order works."""
+    spec = jax.sharding.PartitionSpec(None, axis)
+    positions_BL = mask.positions()
+
+    def local(q_BLKGE, k_BLKE, v_BLKE, segment_ids_BL, positions_BL):
+        gather = functools.partial(_gather_length, axis)
+
+        return attend_local(q_BLKGE, gather(k_BLKE), gather(v_BLKE),
+                            SegmentMask(segment_ids_BL, positions_BL),
+                            SegmentMask(gather(segment_ids_BL), gather(positions_BL)))
+
+    return jax.shard_map(local, in_specs=(spec,) * 5, out_specs=spec, axis_names={axis},
+                         check_vma=False)(
+        q_BLKGE, k_BMKE, v_BMKE, mask.segment_ids_BL, positions_BL)
+
+
 def fused_attention(q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
-                    mask_BLM: jax.Array | SegmentMask, sliding_window: int | None,
-                    implementation: str | None) -> jax.Array:
+                    mask_BLM: jax.Array, implementation: str | None, is_causal: bool = True
+                    ) -> jax.Array:
     """`attend` through `jax.nn.dot_product_attention` ([B, L, H, E] out): with
     implementation='cudnn', cuDNN's flash attention, which never materialises the float32
-    scores and skips the blocks above the diagonal (`is_causal`). Packed segments and the
-    window reach it as a [B, 1, L, M] boolean mask (cuDNN adds it as a bias)."""
+    scores and skips the blocks above the diagonal (`is_causal`, for rows in index order).
+    Packed segments and the window reach it as a [B, 1, L, M] boolean mask (cuDNN adds it as
+    a bias)."""
     batch, length, kv_heads, groups, head_dim = q_BLKGE.shape
-    if isinstance(mask_BLM, SegmentMask):
-        mask_BLM = attention_mask(mask_BLM.segment_ids_BL, sliding_window)
     q_BLHE = q_BLKGE.reshape(batch, length, kv_heads * groups, head_dim)  # head = k·G + g
     return jax.nn.dot_product_attention(q_BLHE, k_BMKE, v_BMKE, mask=mask_BLM[:, None],
-                                        is_causal=True, implementation=implementation)
+                                        is_causal=is_causal, implementation=implementation)
 
 
 def _attention_params(module: nn.Module, cfg: ModelConfig) -> Params:
@@ -359,7 +590,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         w = _attention_params(self, cfg)
         q_BLKGE, k_BMKE, v_BMKE = _queries_keys_values(cfg, w, x_BLD, tables)
-        heads_BLHE = _attend_heads(cfg, q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
+        heads_BLHE = attention_heads(cfg, q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
         self.sow("intermediates", "attn_heads", heads_BLHE)
         return _project_out(cfg, w["wo"], heads_BLHE)
 
@@ -379,21 +610,102 @@ def _queries_keys_values(cfg: ModelConfig, w: Params, x_BLD: jax.Array,
     return q_BLKGE, k_BLKE, v_BLKE
 
 
-def _attend_heads(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array, v_BMKE: jax.Array,
-                  mask_BLM: jax.Array | SegmentMask) -> jax.Array:
-    """Every query head's attention output, [B, L, H, E] (in query blocks if configured)."""
+def attention_heads(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array,
+                    v_BMKE: jax.Array, mask_BLM: jax.Array | SegmentMask) -> jax.Array:
+    """Every query head's attention output, [B, L, H, E]: split over the mesh's context axis
+    when the sequence is (`context_parallel`), in blocks if configured."""
     batch, length = q_BLKGE.shape[:2]
-    if cfg.attention_impl != "xla":
-        return fused_attention(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.sliding_window,
-                               implementation=None if cfg.attention_impl == "jax" else "cudnn")
-    if cfg.attention_chunk is None or cfg.attention_chunk >= length:
-        if isinstance(mask_BLM, SegmentMask):
-            mask_BLM = attention_mask(mask_BLM.segment_ids_BL, cfg.sliding_window)
-        out_BLKGE = attend(q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
+    axis = context_axis() if isinstance(mask_BLM, SegmentMask) else None
+    if axis is not None:
+        out = context_parallel(functools.partial(_attend_segments, cfg, in_order=False), axis,
+                               q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
+    elif isinstance(mask_BLM, SegmentMask):
+        out = _attend_segments(cfg, q_BLKGE, k_BMKE, v_BMKE, mask_BLM, mask_BLM, in_order=True)
+    elif cfg.attention_impl in ("jax", "cudnn"):
+        out = fused_attention(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, _fused_impl(cfg))
+    elif cfg.attention_chunk is None or cfg.attention_chunk >= length:
+        out = attend(q_BLKGE, k_BMKE, v_BMKE, mask_BLM)
     else:
-        out_BLKGE = attend_in_chunks(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.attention_chunk,
-                                     cfg.sliding_window)
-    return out_BLKGE.reshape(batch, length, cfg.n_heads, cfg.head_dim)
+        out = attend_in_chunks(q_BLKGE, k_BMKE, v_BMKE, mask_BLM, cfg.attention_chunk)
+    return out.reshape(batch, length, cfg.n_heads, cfg.head_dim)
+
+
+def splash_block(cfg: ModelConfig, length: int) -> int:
+    """Splash attention's query and key block: `attention_chunk`, else min(512, length);
+    checked to be a multiple of 128 that divides the length."""
+    block = cfg.attention_chunk or min(512, length)
+    if block % 128 or length % block:
+        fits = [b for b in range(128, min(length, 2048) + 1, 128) if length % b == 0]
+        fix = (f"set attention_chunk to one of {fits}" if fits else
+               "use a length that is a multiple of 128")
+        raise ValueError(f"attention_impl='splash' needs blocks of a multiple of 128 tokens "
+                         f"that divide the length {length}; attention_chunk="
+                         f"{cfg.attention_chunk} gives {block}: {fix}")
+    return block
+
+
+def splash_attention(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array,
+                     v_BMKE: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+    """Causal (and windowed) attention within packed segments by Pallas splash attention,
+    [B, L, K, G, E]: each KV head's G query heads against its own keys (the MQA kernel, vmapped
+    over K and B, so K/V are never repeated); q carries the 1/√E scale (and the YaRN query
+    scale, applied before). Rows must be in index order (the kernel masks by index)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    if jax.default_backend() != "tpu" and not cfg.splash_interpret:
+        raise ValueError(f"attention_impl='splash' is a TPU kernel and the backend is "
+                         f"{jax.default_backend()!r}; use attention_impl='xla' (or 'cudnn' on "
+                         "NVIDIA GPUs), or set splash_interpret=True to run it in Pallas "
+                         "interpret mode (slow; for checking a config)")
+    length, groups, head_dim = q_BLKGE.shape[1], q_BLKGE.shape[3], q_BLKGE.shape[4]
+    block = splash_block(cfg, length)
+    shape = (length, length)
+    one_head = (splash_mask.CausalMask(shape) if cfg.sliding_window is None else
+                splash_mask.LocalMask(shape, (cfg.sliding_window - 1, 0), offset=0))
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block,
+                              block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mqa(splash_mask.MultiHeadMask([one_head] * groups),
+                                    block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != "tpu")
+    q_BKGLE = jnp.transpose(q_BLKGE * jnp.asarray(head_dim**-0.5, q_BLKGE.dtype),
+                            (0, 2, 3, 1, 4))
+    k_BKLE, v_BKLE = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BMKE, v_BMKE))
+    segment_ids_BL = jnp.asarray(segment_ids_BL, jnp.int32)
+    per_kv_head = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(seg, seg)),
+                           in_axes=(0, 0, 0, None))
+    out_BKGLE = jax.vmap(per_kv_head)(q_BKGLE, k_BKLE, v_BKLE, segment_ids_BL)
+    return jnp.transpose(out_BKGLE, (0, 3, 1, 2, 4)).astype(v_BMKE.dtype)
+
+
+def _fused_impl(cfg: ModelConfig) -> str | None:
+    return None if cfg.attention_impl == "jax" else "cudnn"
+
+
+def _attend_segments(cfg: ModelConfig, q_BLKGE: jax.Array, k_BMKE: jax.Array,
+                     v_BMKE: jax.Array, queries: SegmentMask, keys: SegmentMask, *,
+                     in_order: bool) -> jax.Array:
+    """Attention of `queries` to `keys` under a segment mask. `in_order`: queries and keys
+    are the same row in index order, so blocks above the diagonal can be skipped."""
+    window = cfg.sliding_window
+    if cfg.attention_impl == "splash":
+        if not in_order:
+            raise ValueError("attention_impl='splash' does not run under context parallelism "
+                             "yet (its mask is by index, not by position); use "
+                             "attention_impl='xla' with mesh.context > 1")
+        return splash_attention(cfg, q_BLKGE, k_BMKE, v_BMKE, queries.segment_ids_BL)
+    if cfg.attention_impl != "xla":
+        return fused_attention(q_BLKGE, k_BMKE, v_BMKE, segment_mask(queries, keys, window),
+                               _fused_impl(cfg), is_causal=in_order)
+    if cfg.attention_chunk is None:
+        return attend(q_BLKGE, k_BMKE, v_BMKE, segment_mask(queries, keys, window))
+    return attend_blocks(q_BLKGE, k_BMKE, v_BMKE, queries, keys, cfg.attention_chunk, window,
+                         skip=in_order)
 
 
 def _project_out(cfg: ModelConfig, wo_HED: jax.Array, heads_BLHE: jax.Array) -> jax.Array:
@@ -507,7 +819,8 @@ class Decoder(nn.Module):
         if positions_BL is None:
             positions_BL = positions_from_segments(segment_ids_BL)
         tables = position_tables(cfg, positions_BL)
-        mask_BLM = SegmentMask(segment_ids_BL)  # expanded by each attention (block) that uses it
+        # Expanded by each attention (block) that uses it.
+        mask_BLM = SegmentMask(segment_ids_BL, positions_BL)
         x_BLD = self.embed(tokens_BL)
         x_BLD, _ = self.layers(x_BLD, tables, mask_BLM)
         x_BLD = self.final_norm(x_BLD)
@@ -742,7 +1055,7 @@ def _cached_block(cfg: ModelConfig, layer: Params, index: jax.Array, end: jax.Ar
     at = (index, 0, end, 0, 0)
     k_NBMKE = jax.lax.dynamic_update_slice(k_NBMKE, k_BLKE[None].astype(k_NBMKE.dtype), at)
     v_NBMKE = jax.lax.dynamic_update_slice(v_NBMKE, v_BLKE[None].astype(v_NBMKE.dtype), at)
-    heads_BLHE = _attend_heads(cfg, q_BLKGE, k_NBMKE[index], v_NBMKE[index], mask_BLM)
+    heads_BLHE = attention_heads(cfg, q_BLKGE, k_NBMKE[index], v_NBMKE[index], mask_BLM)
     x_BLD = x_BLD + _project_out(cfg, layer["attn"]["wo"], heads_BLHE)
     h_BLD = RMSNorm(cfg).apply({"params": layer["mlp_norm"]}, x_BLD)
     x_BLD = x_BLD + Mlp(cfg).apply({"params": layer["mlp"]}, h_BLD)

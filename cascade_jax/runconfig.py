@@ -51,27 +51,32 @@ def as_dict(block: Any, key: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ pieces
 
 
+_MESH_FIELDS = ("data", "fsdp", "context", "tensor")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; -1 fills one axis with the remaining devices."""
+    """Mesh axis sizes; -1 fills one axis with the remaining devices. `context` splits each
+    row's tokens (context parallelism, `sharding`)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1
     key: str = dataclasses.field(default="config.mesh", compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("data", "fsdp", "tensor"):
+        for name in _MESH_FIELDS:
             value = getattr(self, name)
             if value != -1:
                 validate.positive_int(_key(self.key, name), value,
                                       "or -1 for the remaining devices")
-        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+        if [getattr(self, name) for name in _MESH_FIELDS].count(-1) > 1:
             raise ValueError(f"{self.key}: only one of data={self.data}, fsdp={self.fsdp}, "
-                             f"tensor={self.tensor} may be -1")
+                             f"context={self.context}, tensor={self.tensor} may be -1")
 
     def sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {name: getattr(self, name) for name in _MESH_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +128,7 @@ def _optim(block: Any, key: str) -> OptimConfig:
 
 def _mesh(block: Any, key: str = "config.mesh") -> MeshConfig:
     values = as_dict(block, key)
-    validate.known_keys(key, values, ("data", "fsdp", "tensor"))
+    validate.known_keys(key, values, _MESH_FIELDS)
     return MeshConfig(**values, key=key)
 
 

@@ -2,8 +2,11 @@
 
 The model names axes logically (`embed`, `heads`, `mlp`, ...); this module alone decides which
 mesh axis each maps to, so the same model runs on one CPU or a TPU pod. The mesh always has
-the three axes `data × fsdp × tensor` (any may be 1): data parallelism, parameter sharding
-(ZeRO-3 style, over `embed`), and tensor parallelism (heads, FFN, vocab).
+the four axes `data × fsdp × context × tensor` (any may be 1): data parallelism, parameter
+sharding (ZeRO-3 style, over `embed`), context parallelism (each row's tokens split over
+`context`; attention all-gathers keys and values, `model.context_parallel`) and tensor
+parallelism (heads, FFN, vocab). Params shard over fsdp and context together, so adding
+context devices never replicates a weight.
 """
 
 from __future__ import annotations
@@ -18,18 +21,19 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cascade_jax import model, paths
+from cascade_jax import lm, model, paths
 from cascade_jax.config import ModelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"
 
 # Logical axis → mesh axis (or None: replicated). `batch`/`length` are activations' axes.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", CONTEXT_AXIS),
     ("layers", None),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", CONTEXT_AXIS)),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -43,14 +47,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `data × fsdp × tensor` mesh; one size may be -1 to take all remaining devices.
+              devices: Sequence[jax.Device] | None = None, *, context: int = 1) -> Mesh:
+    """A `data × fsdp × context × tensor` mesh; one size may be -1 to take all remaining
+    devices.
 
     The default is pure data parallelism over every device (`make_mesh()` works anywhere);
     set `data` explicitly when another axis should take the remainder.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {fill}")
@@ -66,7 +71,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     total = math.prod(sizes.values())
     if total != len(devices):
         raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; "
-                         f"make data*fsdp*tensor == {len(devices)} or set one axis to -1")
+                         f"make data*fsdp*context*tensor == {len(devices)} or set one axis to -1")
     shape = tuple(sizes[name] for name in MESH_AXES)
     # Auto axes: XLA's sharding propagation fills in activations from the params and batch.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
@@ -90,8 +95,23 @@ def traced_on_mesh(fn: Callable[..., Any], mesh: Mesh,
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh,
                         rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """Map a pytree of logical `PartitionSpec`s to `NamedSharding`s on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    """Map a pytree of logical `PartitionSpec`s to `NamedSharding`s on `mesh`, leaving out a
+    context axis of size 1 (so a mesh with context=1 gives the specs it gave before that
+    axis existed)."""
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, _without_unit_axes(s.spec, mesh)),
+                        shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _without_unit_axes(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    def kept(axes: Any) -> Any:
+        if axes is None:
+            return None
+        names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes)
+                      if a != CONTEXT_AXIS or context_shards(mesh) > 1)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    return PartitionSpec(*(kept(axes) for axes in spec))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh,
@@ -130,9 +150,16 @@ def sharding_tree_leaves(shardings: Any) -> list[NamedSharding]:
     return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def check_batch_split(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+def check_batch_split(batch_size: int, mesh: Mesh, grad_accum: int = 1,
+                      seq_len: int | None = None) -> None:
     """Fail early unless every micro-batch (batch_size / grad_accum rows) splits evenly over
-    the mesh's batch shards (data × fsdp); XLA would otherwise pad or replicate silently."""
+    the mesh's batch shards (data × fsdp), and rows of `seq_len` tokens over its context
+    shards; XLA would otherwise pad or replicate silently."""
+    shards = context_shards(mesh)
+    if seq_len is not None and seq_len % shards:
+        raise ValueError(f"rows of seq_len={seq_len} tokens do not split over the {shards} "
+                         f"context shards of mesh {dict(mesh.shape)}; use a seq_len that is a "
+                         f"multiple of {shards}, or a smaller mesh.context")
     ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if batch_size < 1 or batch_size % (grad_accum * ways):
         what = (f"global batch_size={batch_size}" if grad_accum == 1 else
@@ -142,9 +169,15 @@ def check_batch_split(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
                          f"{grad_accum * ways}, or fewer data/fsdp devices")
 
 
+def context_shards(mesh: Mesh) -> int:
+    """How many pieces each row's tokens are split into (the mesh's context axis)."""
+    return dict(mesh.shape).get(CONTEXT_AXIS, 1)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[B, L] batches: B split over data × fsdp, L whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    """[B, L, ...] batches: B split over data × fsdp, L over context (whole when context=1)."""
+    length = CONTEXT_AXIS if context_shards(mesh) > 1 else None
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, length))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -158,11 +191,16 @@ def init_params(cfg: ModelConfig, rng: jax.Array, mesh: Mesh,
     return jax.jit(model.init, static_argnums=0, out_shardings=shardings)(cfg, rng)
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Turn this host's slice of the global batch into global arrays sharded over the batch axes.
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, balance: bool = False
+                ) -> dict[str, jax.Array]:
+    """Turn this host's slice of the global batch into global arrays sharded over the batch axes
+    (and their length over the context axis).
 
     Each process passes its own rows (the data pipeline shards by `jax.process_index()`).
+    `balance`: reorder each row for the mesh's context shards first (`lm.balance_rows`).
     """
+    if balance:
+        batch = lm.balance_rows(batch, context_shards(mesh))
     sharding = batch_sharding(mesh)
     return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for name, value in batch.items()}

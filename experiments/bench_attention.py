@@ -9,6 +9,13 @@ speed-up over 'xla', and the largest relative error of its logits and of its gra
 'xla' on the same params and tokens (the parity proof for 'cudnn', which CI cannot run).
 Steps are timed interleaved, medians reported. JAX is imported inside `main` so
 `--xla_flags` can still be set.
+
+Two more tables, on the attention alone (q, k, v → heads, forward + backward under a random
+cotangent, packed segments and the window): blockwise attention (`model.attend_blocks`,
+blocks of `--chunk`) with masked blocks skipped vs computing every block vs the full-square
+`model.attend`, with each one's score-matmul FLOPs and its error against the full square; and
+context parallelism (`--context` shards, on as many virtual CPU devices when the backend has
+fewer) vs one device, with the keys/values/ids each device all-gathers.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head width.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per implementation.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before JAX starts.")
+_CHUNK = flags.DEFINE_integer("chunk", 64, "Block size of the blockwise attention rows.")
+_CONTEXT = flags.DEFINE_integer("context", 8, "Context shards of the context-parallel rows "
+                                "(0: no such rows).")
 
 
 def _packed_segment_ids(batch: int, length: int, segments: int) -> Any:
@@ -54,10 +64,103 @@ def _max_rel_err(ours: Any, reference: Any) -> float:
     return max(jax.tree.leaves(jax.tree.map(one, ours, reference)))
 
 
+def _median_ms(fns: dict[str, Any], *args: Any) -> dict[str, float]:
+    """Median ms per call of each jitted fn, interleaved, after one warm-up call each."""
+    import jax
+
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(_STEPS.value):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def _attention_rows(cfg: Any, segment_ids_BL: Any) -> None:
+    """The block-skipping and context-parallel tables (module docstring)."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    from cascade_jax import model, sharding
+
+    rng = np.random.default_rng(1)
+    batch, length, k, g, e = (_BATCH.value, _SEQ.value, cfg.n_kv_heads, cfg.n_groups,
+                              cfg.head_dim)
+    q = rng.normal(size=(batch, length, k, g, e)).astype(cfg.dtype)
+    kv = rng.normal(size=(2, batch, length, k, e)).astype(cfg.dtype)
+    cot = rng.normal(size=(batch, length, k, g, e)).astype(cfg.dtype)
+    mask = model.SegmentMask(np.asarray(segment_ids_BL),
+                             np.asarray(model.positions_from_segments(segment_ids_BL)))
+    window, chunk = cfg.sliding_window, min(_CHUNK.value, length)
+
+    def vjp(attention: Any) -> Any:
+        def run(q, k, v):
+            out, pullback = jax.vjp(attention, q, k, v)
+            return out, pullback(cot)
+        return jax.jit(run)
+
+    full_square = vjp(lambda q, k, v: model.attend(q, k, v, model.segment_mask(mask, mask,
+                                                                               window)))
+    blockwise = {f"blocks of {chunk}, {'skipping' if skip else 'every block'}": vjp(
+        functools.partial(model.attend_blocks, queries=mask, keys=mask, chunk=chunk,
+                          sliding_window=window, skip=skip)) for skip in (True, False)}
+    fns = {"full square": full_square, **blockwise}
+    ms = _median_ms(fns, q, *kv)
+    reference = jax.device_get(full_square(q, *kv))
+    n = -(-length // chunk)
+    pairs = {name: len(model.block_pairs(n, n, chunk, window, skip="skipping" in name))
+             for name in blockwise}
+    square_flops = 4.0 * batch * length**2 * cfg.n_heads * e  # q·kᵀ and p·v, forward
+    print(f"\nattention alone, forward + backward, {batch}×{length}, blocks of {chunk}\n")
+    print("| attention | ms | vs full square | score FLOPs (fwd) | max rel err vs full square |")
+    print("|---|---|---|---|---|")
+    for name in fns:
+        flops = square_flops * (pairs[name] / n**2 if name in pairs else 1.0)
+        err = _max_rel_err(jax.device_get(fns[name](q, *kv)), reference)
+        print(f"| {name} | {ms[name]:.2f} | {ms['full square'] / ms[name]:.2f}× | "
+              f"{flops / 1e9:.3g} G | {err:.1e} |")
+    context = _CONTEXT.value
+    if context < 2:
+        return
+    if length % context or jax.device_count() < context:
+        print(f"\n(no context-parallel rows: seq_len={length} over {context} shards on "
+              f"{jax.device_count()} devices)")
+        return
+    one = jax.jit(lambda q, k, v: jax.vjp(
+        lambda q, k, v: model.attention_heads(cfg, q, k, v, mask), q, k, v)[1](
+            cot.reshape(batch, length, -1, e)))
+    mesh = sharding.make_mesh(data=1, context=context, devices=jax.devices()[:context])
+    split = jax.jit(sharding.traced_on_mesh(lambda q, k, v: jax.vjp(
+        lambda q, k, v: model.attention_heads(cfg, q, k, v, mask), q, k, v)[1](
+            cot.reshape(batch, length, -1, e)), mesh),
+        in_shardings=sharding.batch_sharding(mesh))
+    ms = _median_ms({"one device": one, f"context={context}": split}, q, *kv)
+    err = _max_rel_err(jax.device_get(split(q, *kv)), jax.device_get(one(q, *kv)))
+    gathered = (2 * k * e * np.dtype(cfg.dtype).itemsize + 2 * 4) * batch * length \
+        * (context - 1) / context
+    print(f"\ncontext parallelism ({context} virtual devices on this host: their time "
+          "shares its cores), attention forward + backward\n")
+    print("| run | ms | gathered MiB per device | max rel err of grads vs one device |")
+    print("|---|---|---|---|")
+    print(f"| one device | {ms['one device']:.2f} | – | – |")
+    print(f"| context={context} | {ms[f'context={context}']:.2f} | {gathered / 2**20:.3g} | "
+          f"{err:.1e} |")
+
+
 def main(argv: list[str]) -> None:
     del argv
     if _XLA_FLAGS.value:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_FLAGS.value}".strip()
+    flag = "--xla_force_host_platform_device_count"
+    if _CONTEXT.value > 1 and flag not in os.environ.get("XLA_FLAGS", ""):
+        # Only the CPU backend reads it: a GPU or TPU run keeps its own devices.
+        os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                                   f"{flag}={_CONTEXT.value}").strip()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,6 +212,7 @@ def main(argv: list[str]) -> None:
         (_, logits), grads = outputs[impl]
         print(f"| {impl} | {median[impl] * 1e3:.2f} | {median['xla'] / median[impl]:.2f}× | "
               f"{_max_rel_err(logits, logits_ref):.1e} | {_max_rel_err(grads, grads_ref):.1e} |")
+    _attention_rows(base, segment_ids_BL)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     python -m experiments.plan --config configs/ministral3.py --mesh.fsdp=64 \
         --config.data.seq_len=4096 --per_device_batch=1
     python -m experiments.plan --config configs/tiny_cascade.py --mesh.data=2 --mesh.fsdp=4
+    python -m experiments.plan --config configs/ministral3.py:262144 --mesh.fsdp=16 \
+        --mesh.context=8 --per_device_batch=1 --flops=false --stages=ministral_3b_long
 
 For the root and every stage the step the cascade would run (the root's cross-entropy step, or
 a forward pass when the root is loaded; each stage's distillation step, teacher + student, or
@@ -11,7 +13,8 @@ shardings (`cascade_jax.aot`), and XLA's per-device argument, output, temp and t
 its FLOPs per step are printed as a markdown table, next to the analytic parameter count and
 the per-device bytes of params + optimizer state (and teacher) from the shard shapes alone.
 
-The mesh comes from `config.mesh`, overridden by `--mesh.data/fsdp/tensor`. A -1 axis is
+The mesh comes from `config.mesh`, overridden by `--mesh.data/fsdp/context/tensor`
+(`context` splits each row's tokens: context parallelism). A -1 axis is
 planned as 1: per-device figures depend on the data axis only through the per-device batch,
 which `--per_device_batch` fixes (the global batch is then per_device_batch × data × fsdp; by
 default it is `config.data.batch_size`). A context stage (`stages.<name>.context`) is planned
@@ -168,7 +171,8 @@ def plan_step(name: str, teacher: str, spec: aot.StepSpec, mesh: jax.sharding.Me
         "batch_bytes": analytic["batch"],
         "argument_bytes": memory.argument, "output_bytes": memory.output,
         "alias_bytes": memory.alias, "temp_bytes": memory.temp, "total_bytes": memory.total,
-        "flops": flops, "analytic_flops": aot.analytic_flops(spec, mesh.size),
+        "flops": flops,
+        "analytic_flops": aot.analytic_flops(spec, mesh.size, sharding.context_shards(mesh)),
         "compile_s": cost.compile_s + flops_s,
     }
 
@@ -236,13 +240,15 @@ def describe(sizes: dict[str, int]) -> str:
              else f"compiled for {jax.device_count()} {platform} devices")
     return "\n".join([
         f"Per-device figures, {where}; mesh data={sizes['data']} fsdp={sizes['fsdp']} "
-        f"tensor={sizes['tensor']}.",
+        f"context={sizes['context']} tensor={sizes['tensor']}.",
         "total = argument + output − donated (aliased) + temp. params+opt: params, AdamW "
         "moments and step from the shard shapes alone (argument ≈ params+opt + teacher + "
         "batch).",
         "TFLOP/step: XLA's count per device, exact over depth (aot.exact_flops; remat "
-        "recompute included); analytic: 2·weights + attention per token and forward, ×3 "
-        "trained (×4 with remat), ×1 for a frozen teacher, split evenly over devices.",
+        "recompute included; blockwise attention's loop over block pairs counted once); "
+        "analytic: 2·weights + attention per token and forward (masked blocks skipped with "
+        "attention_chunk, none under context > 1), ×3 trained (×4 with remat), ×1 for a "
+        "frozen teacher, split evenly over devices.",
     ])
 
 

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import pytest
 from ml_collections.config_dict import placeholder
@@ -118,7 +119,7 @@ def test_exact_flops_equal_a_fully_unrolled_compile(rows):
 def test_mesh_and_batch_resolution():
     assert plan.mesh_sizes({"data": -1, "fsdp": 64, "tensor": 1},
                            {"data": None, "fsdp": None, "tensor": 2}) == {
-        "data": 1, "fsdp": 64, "tensor": 2}
+        "data": 1, "fsdp": 64, "context": 1, "tensor": 2}
     with pytest.raises(ValueError, match="must be >= 1"):
         plan.mesh_sizes({"data": 0, "fsdp": 1, "tensor": 1}, {})
     config = runconfig.cascade_config(tiny_config())
@@ -221,3 +222,29 @@ def test_a_mesh_beyond_the_virtual_device_budget_is_refused_before_any_device(tm
     assert done.returncode == 1
     assert "needs 100000 devices" in done.stderr.strip().splitlines()[-1]
     assert "rerunning" not in done.stdout + done.stderr
+
+
+def test_context_parallelism_cuts_a_262k_step_per_device_and_skipping_its_flops():
+    """A Ministral-3-shaped 3B context step (1 layer, attention blocks of 2048) at 262144
+    tokens a row, 2 rows: on fsdp=2 × context=4 each device holds a quarter of each row's
+    activations and a quarter of the weights that fsdp=2 alone leaves it, so far less memory
+    per device; the analytic FLOPs count only the blocks attention computes (128·129/2 of
+    128² at context=1, where causal blocks are skipped)."""
+    import dataclasses
+
+    from configs import ministral3
+
+    config = runconfig.cascade_config(ministral3.get_config("262144"))
+    spec = {n: s for n, _, s in plan.planned_steps(config, 2, 262144)}["ministral_3b_long"]
+    student = spec.student.replace(n_layers=1, attention_chunk=2048)
+    spec = dataclasses.replace(spec.with_models({"student": student}), batch_size=2)
+    rows = {context: plan.plan_step("3b", "", spec, sharding.make_mesh(
+        data=1, fsdp=2, context=context, devices=jax.devices()[:2 * context]), False)
+        for context in (1, 4)}
+    assert rows[4]["total_bytes"] < 0.5 * rows[1]["total_bytes"], rows
+    assert rows[4]["state_bytes"] == pytest.approx(rows[1]["state_bytes"] / 4, rel=0.01)
+    full = aot.forward_flops_per_token(student.replace(attention_chunk=None), 262144)
+    skipped = aot.forward_flops_per_token(student, 262144)
+    attention = 4.0 * 262144 * student.n_heads * student.head_dim
+    assert full - skipped == pytest.approx(attention * (1 - 128 * 129 / 2 / 128**2), rel=1e-6)
+    assert aot.forward_flops_per_token(student, 262144, context=4) == full  # no skipping yet

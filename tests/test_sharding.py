@@ -18,14 +18,14 @@ def test_conftest_gave_us_eight_devices():
 
 def test_make_mesh_fills_one_axis_and_rejects_bad_sizes():
     mesh = sharding.make_mesh(data=-1, fsdp=2, tensor=2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     with pytest.raises(ValueError, match="needs 12 devices but 8 are available"):
         sharding.make_mesh(data=3, fsdp=2, tensor=2)
     with pytest.raises(ValueError, match="only one mesh axis may be -1"):
         sharding.make_mesh(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="8 is not a multiple of 3"):
         sharding.make_mesh(data=-1, tensor=3)
-    assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
     with pytest.raises(ValueError, match="only one mesh axis may be -1"):
         sharding.make_mesh(fsdp=-1)  # the default data=-1 must then be given explicitly
 

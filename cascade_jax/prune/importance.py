@@ -370,7 +370,7 @@ def _batch_statistics(cfg: ModelConfig, settings: _Settings, params: model.Param
                                                batch["positions"])
     w_BL = (segment_ids_BL > 0).astype(jnp.float32)
     tables = model.position_tables(cfg, positions_BL)
-    mask_BLM = model.attention_mask(segment_ids_BL, cfg.sliding_window)
+    mask_BLM = model.SegmentMask(segment_ids_BL, positions_BL)
     x_BLD = model.Decoder(cfg).apply({"params": params}, tokens_BL,
                                      method=lambda decoder, t: decoder.embed(t))
     block = model.Block(cfg)
